@@ -1,0 +1,174 @@
+"""Hugging Face causal LMs: a hub id, a local folder, or a GGUF file (dequantised to float32)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from arfuse.adapters.base import CausalLM, Encoding, ModelInfo, file_sha256, fingerprint_json
+from arfuse.errors import ArfuseError
+from arfuse.paths import cache_root
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when available, else CPU)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ArfuseError(f"device {device!r} asked for but CUDA is not available: use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ArfuseError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from e
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ArfuseError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _gguf_converted_dir(gguf_path: Path) -> tuple[Path, str]:
+    """Folder caching a GGUF file's dequantised float32 weights and tokenizer, keyed by its SHA-256.
+
+    transformers converts GGUF on every load (tens of seconds for the tokenizer alone);
+    the converted folder loads in about a second.
+    """
+    digest = file_sha256(gguf_path)
+    return cache_root() / "gguf" / digest[:24], digest
+
+
+def load_hf_tokenizer(spec: str):
+    """A Hugging Face tokenizer from a hub id, a folder, or the tokenizer inside a GGUF file."""
+    from transformers import AutoTokenizer
+
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise ArfuseError(f"GGUF file {spec} does not exist: check the path")
+        conv, _ = _gguf_converted_dir(path)
+        if (conv / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(conv)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(spec)
+
+
+class HFCausalLM(CausalLM):
+    """A transformers ``AutoModelForCausalLM`` with its fast tokenizer."""
+
+    def __init__(self, spec: str, *, device: str = "cpu", dtype: str = "float32", revision: str | None = None,
+                 name: str | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        path = Path(spec)
+        identity: dict = {"spec": spec, "revision": revision}
+        if path.suffix == ".gguf":
+            if not path.exists():
+                raise ArfuseError(f"GGUF file {spec} does not exist: check the path")
+            conv, digest = _gguf_converted_dir(path)
+            identity = {"gguf_sha256": digest}
+            kind = "gguf"
+            if not (conv / "config.json").exists():
+                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+                # the dequantised float32 weights are plain weights: save them as such
+                model.hf_quantizer = None
+                if hasattr(model.config, "quantization_config"):
+                    del model.config.quantization_config
+                tmp = conv.with_name(conv.name + f".tmp{os.getpid()}")
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+                if not conv.exists():
+                    conv.parent.mkdir(parents=True, exist_ok=True)
+                    tmp.replace(conv)
+            load_from = str(conv)
+        elif path.exists():
+            if not path.is_dir():
+                raise ArfuseError(f"{spec} is a file arfuse cannot load: give a model folder, a .gguf file, or a llama2.c .bin")
+            if not (path / "config.json").exists():
+                raise ArfuseError(f"{spec} has no config.json: not a Hugging Face model folder")
+            load_from = str(path.resolve())
+            kind = "hf"
+            weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+            identity = {"path": load_from, "weights": {p.name: file_sha256(p) for p in weights},
+                        "config": fingerprint_json((path / "config.json").read_text())}
+        else:
+            if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or path.suffix in (".bin", ".pt", ".safetensors"):
+                raise ArfuseError(f"model path {spec} does not exist: check the path")
+            load_from = spec
+            kind = "hf"
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(load_from, revision=revision)
+            self.model = AutoModelForCausalLM.from_pretrained(load_from, revision=revision, dtype=self.dtype)
+        except OSError as e:
+            raise ArfuseError(
+                f"cannot load model {spec!r}: {str(e).splitlines()[0]} "
+                "(without internet, pass a local folder or .gguf file instead of a hub id)"
+            ) from e
+        if kind == "hf" and "weights" not in identity:
+            # hub id: the resolved commit identifies the weights
+            identity["commit"] = getattr(self.model.config, "_commit_hash", None)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ArfuseError(f"{spec}: arfuse needs a fast (Rust) tokenizer for character offsets; none is available")
+        self.model.to(self.device).eval()
+        cfg = self.model.config
+        self.bos_id = self.tokenizer.bos_token_id
+        self.eos_id = self.tokenizer.eos_token_id
+        self.default_add_bos = bool(getattr(self.tokenizer, "add_bos_token", False))
+        max_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.info = ModelInfo(
+            name=name or (path.name if path.exists() else spec),
+            kind=kind,
+            num_parameters=sum(p.numel() for p in self.model.parameters()),
+            vocab_size=int(self.model.get_output_embeddings().weight.shape[0]),
+            max_length=max_len,
+            identity=identity,
+        )
+        self._tok_fp: str | None = None
+
+    def encode(self, text: str) -> Encoding:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return encoding_from_offsets(enc["input_ids"], enc["offset_mapping"], len(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def tokenizer_fingerprint(self) -> str:
+        if self._tok_fp is None:
+            self._tok_fp = fingerprint_json(self.tokenizer.backend_tokenizer.to_str())
+        return self._tok_fp
+
+    def forward_logits(self, input_ids, attention_mask=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def forward_logits_tail(self, input_ids, n):
+        try:
+            return self.model(input_ids=input_ids, use_cache=False, logits_to_keep=n).logits
+        except TypeError:  # an architecture without logits_to_keep
+            return self.model(input_ids=input_ids, use_cache=False).logits[:, -n:]
+
+
+def encoding_from_offsets(ids: list[int], offsets: list[tuple[int, int]], n_chars: int) -> Encoding:
+    """Character end offsets from a fast tokenizer's (start, end) spans.
+
+    A token closes the characters up to where the next token starts (several byte-level
+    tokens can share one character: only the last of them closes it); gaps the offsets
+    skip (trimmed spaces) belong to the token after them; the last token closes the rest.
+    """
+    ends: list[int] = []
+    last = 0
+    n = len(ids)
+    for i in range(n):
+        end = offsets[i][1]
+        if i + 1 < n:
+            end = min(end, offsets[i + 1][0])
+        last = max(last, end)
+        ends.append(last)
+    if ends:
+        ends[-1] = n_chars
+    return Encoding(list(ids), ends)

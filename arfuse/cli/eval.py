@@ -1,0 +1,102 @@
+"""`arfuse eval --large A --small B --data D`: each model alone, the fused model and its gain."""
+from __future__ import annotations
+
+import json
+import math
+
+from arfuse.cli.common import add_model_options, add_score_options, score_config
+from arfuse.errors import ArfuseError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a large model fused with small ones",
+                       description="Score each model once (cached), fuse at the given or the NLL-optimal weight, "
+                                   "and report each model alone, the uniform average, the fused model and its gain.")
+    p.add_argument("--large", required=True, help="the large model (LLM): name, .gguf, llama2.c .bin, folder or hub id")
+    p.add_argument("--small", action="append", required=True, help="a small model (SLM); repeat for several")
+    p.add_argument("--data", required=True, help="data to report on: a name (wikitext2-raw-test, ptb-test, kjv, ...) or a file, optionally sliced [a:b]")
+    p.add_argument("--valid", help="data to choose the weight on (disjoint from --data); without it the weight is fitted on --data")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--weight", type=float, help="the LLM's weight w in [0, 1] (two models)")
+    g.add_argument("--weights", help="comma-separated weights, the LLM first, summing to 1 (K models)")
+    g.add_argument("--search", action="store_true", help="find the NLL-optimal weight exactly (the default)")
+    add_model_options(p)
+    add_score_options(p)
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--plot", metavar="PNG", help="draw the gain against k with the improvement domain shaded")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from arfuse.tasks.perplexity import EvalConfig, evaluate
+
+    weights = None
+    if args.weight is not None:
+        if len(args.small) != 1:
+            raise ArfuseError(f"--weight is for two models but {1 + len(args.small)} were given: use --weights w1,w2,...")
+        if not 0.0 <= args.weight <= 1.0 or math.isnan(args.weight):
+            raise ArfuseError(f"--weight {args.weight} is outside [0, 1]: give the LLM's weight w, e.g. 0.95 "
+                              "(a weight ratio k corresponds to w = k / (1 + k))")
+        weights = [args.weight, 1.0 - args.weight]
+    elif args.weights:
+        try:
+            weights = [float(x) for x in args.weights.split(",")]
+        except ValueError:
+            raise ArfuseError(f"--weights {args.weights!r}: give comma-separated numbers, e.g. 0.9,0.05,0.05") from None
+    cfg = EvalConfig(large=args.large, smalls=args.small, data=args.data, valid=args.valid, weights=weights,
+                     score=score_config(args), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                     use_cache=not args.no_cache)
+    report = evaluate(cfg, progress=not args.quiet)
+    if args.plot:
+        from arfuse.search.plot import plot_gain_curve
+
+        plot_gain_curve(report, args.plot)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_report(report)
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0
+
+
+def _fmt_k(k: float | None) -> str:
+    if k is None:
+        return "-"
+    return "inf" if math.isinf(k) else f"{k:.4g}"
+
+
+def print_report(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    data = report.data
+    head = (f"[bold]{data['name']}[/bold] ({data['scored']['tokens']:,} tokens scored, {data['chars']:,} characters; "
+            f"{data['source']})\n{report.windowing}; BOS {', '.join('on' if b else 'off' for b in report.bos)}")
+    con.print(head)
+    t = Table(show_lines=False)
+    for col, just in [("model", "left"), ("params", "right"), ("token PPL", "right"), ("word PPL", "right"),
+                      ("bits/byte", "right"), ("gain %", "right"), ("w", "right"), ("k", "right")]:
+        t.add_column(col, justify=just)
+    params = {m["name"]: m["num_parameters"] for m in report.models}
+    for r in report.rows:
+        m = r.metrics
+        w = r.weights[0] if r.weights else None
+        t.add_row(r.name if r.kind != "fused" else f"[bold]{r.name}[/bold]",
+                  f"{params[r.name] / 1e6:.2f}M" if r.name in params else "",
+                  f"{m['token_ppl']:.4f}", f"{m['word_ppl']:.4f}", f"{m['bits_per_byte']:.4f}",
+                  f"{r.gain_pct:+.3f}" if r.kind != "large" else "", "" if w is None else f"{w:.6f}",
+                  "" if w is None else _fmt_k(w / (1 - w) if w < 1 else math.inf))
+    con.print(t)
+    ratio = ", ".join(f"{x:.1f}" for x in report.param_ratio)
+    con.print(f"weights: {', '.join(f'{w:.6f}' for w in report.weights)} (LLM first); k = {_fmt_k(report.k)}; "
+              f"parameter ratio r = {ratio}")
+    con.print(f"weight source: {report.weight_source}")
+    if report.domain_k:
+        con.print(f"improvement domain on {data['name']}: k > {report.domain_k[0]:.4g} (w > {report.domain_w[0]:.6f}); "
+                  f"k* = {_fmt_k(report.k_star)} there")
+    elif len(report.models) == 2:
+        con.print(f"improvement domain on {data['name']}: empty (no weight makes the fused model beat the LLM)")
+    for n in report.notes:
+        con.print(f"note: {n}")

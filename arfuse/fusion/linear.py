@@ -1,0 +1,93 @@
+"""The Accept-Reject linear mixture and its plain baselines.
+
+AR fusion (the paper's eq. 4): P = sum_i w_i p_i with sum_i w_i = 1; for two models
+P = w p_LLM + (1 - w) p_SLM and the weight ratio k = w / (1 - w). Computed in log space as
+logsumexp_i(log w_i + log p_i), so tiny probabilities never underflow.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from arfuse.errors import ArfuseError
+
+Array = np.ndarray | torch.Tensor
+
+
+def check_weights(weights: Sequence[float], n_models: int) -> list[float]:
+    """Validated mixture weights: one per model, each in [0, 1], summing to 1."""
+    ws = [float(w) for w in weights]
+    if len(ws) != n_models:
+        raise ArfuseError(f"{len(ws)} weights given for {n_models} models: give one weight per model")
+    for w in ws:
+        if not (0.0 <= w <= 1.0) or math.isnan(w):
+            raise ArfuseError(f"weight {w} is outside [0, 1]: the LLM's weight w must satisfy 0 <= w <= 1 "
+                              "(for a weight ratio k use w = k / (1 + k))")
+    if abs(sum(ws) - 1.0) > 1e-6:
+        raise ArfuseError(f"weights {ws} sum to {sum(ws):.6g}, not 1: mixture weights must sum to 1")
+    return ws
+
+
+def w_to_k(w: float) -> float:
+    """The weight ratio k = w / (1 - w) (inf at w = 1)."""
+    return math.inf if w >= 1.0 else w / (1.0 - w)
+
+
+def k_to_w(k: float) -> float:
+    """The LLM weight w = k / (1 + k) of a weight ratio k >= 0."""
+    if k < 0 or math.isnan(k):
+        raise ArfuseError(f"weight ratio k = {k} must be >= 0")
+    return 1.0 if math.isinf(k) else k / (1.0 + k)
+
+
+def _stack(logps: Sequence[Array]):
+    if isinstance(logps[0], torch.Tensor):
+        return torch, torch.stack(list(logps), dim=0)
+    return np, np.stack([np.asarray(x) for x in logps], axis=0)
+
+
+def linear(logps: Sequence[Array], weights: Sequence[float]) -> Array:
+    """log(sum_i w_i exp(logps[i])): the AR mixture of K log-distributions (or of log p(target)).
+
+    A weight of exactly 1 returns that model's log-probs unchanged (a copy), bit for bit.
+    """
+    ws = check_weights(weights, len(logps))
+    for i, w in enumerate(ws):
+        if w == 1.0:
+            x = logps[i]
+            return x.clone() if isinstance(x, torch.Tensor) else np.array(x, copy=True)
+    xp, stacked = _stack(logps)  # (K, ...)
+    logw = [math.log(w) if w > 0 else -math.inf for w in ws]
+    if xp is torch:
+        lw = torch.tensor(logw, dtype=stacked.dtype, device=stacked.device).reshape((-1,) + (1,) * (stacked.dim() - 1))
+        return torch.logsumexp(stacked + lw, dim=0)
+    lw = np.asarray(logw, dtype=stacked.dtype).reshape((-1,) + (1,) * (stacked.ndim - 1))
+    z = stacked + lw
+    m = np.max(z, axis=0)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return m_safe + np.log(np.sum(np.exp(z - m_safe), axis=0))
+
+
+def uniform(logps: Sequence[Array]) -> Array:
+    """The plain average of K distributions (the equal-weight ensemble baseline)."""
+    return linear(logps, [1.0 / len(logps)] * len(logps))
+
+
+def logprob_average(logps: Sequence[Array], weights: Sequence[float] | None = None) -> Array:
+    """Renormalised weighted geometric mean: log_softmax(sum_i w_i log p_i) over the last axis.
+
+    Needs full distributions (the last axis is the vocabulary), unlike ``linear``.
+    """
+    ws = check_weights(weights if weights is not None else [1.0 / len(logps)] * len(logps), len(logps))
+    xp, stacked = _stack(logps)
+    if xp is torch:
+        w = torch.tensor(ws, dtype=stacked.dtype, device=stacked.device).reshape((-1,) + (1,) * (stacked.dim() - 1))
+        return torch.log_softmax((stacked * w).sum(0), dim=-1)
+    w = np.asarray(ws, dtype=stacked.dtype).reshape((-1,) + (1,) * (stacked.ndim - 1))
+    s = (stacked * w).sum(0)
+    m = s.max(axis=-1, keepdims=True)
+    return s - m - np.log(np.exp(s - m).sum(axis=-1, keepdims=True))
