@@ -3,12 +3,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 
 from arfuse.errors import ArfuseError
 
-# Each module defines register(subparsers) and sets a `func(args) -> int` default.
-COMMANDS = ["score", "eval", "train"]
+# Every module of arfuse.cli that defines register(subparsers) is a subcommand; it sets a
+# `func(args) -> int` default. Listed first in this order, then any others alphabetically.
+FIRST = ["score", "eval", "search", "law", "train", "generate", "serve", "demo"]
+
+
+def _command_modules() -> list[str]:
+    import arfuse.cli as pkg
+
+    names = [m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
+    names = [n for n in names if n not in ("main", "common")]
+    return [n for n in FIRST if n in names] + sorted(n for n in names if n not in FIRST)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,14 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fuse a large model with smaller ones at the level of their output distributions.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"arfuse.cli.{name}")
-        except ModuleNotFoundError as e:  # a subcommand still being written
-            if e.name == f"arfuse.cli.{name}":
-                continue
-            raise
-        module.register(sub)
+    for name in _command_modules():
+        module = importlib.import_module(f"arfuse.cli.{name}")
+        if hasattr(module, "register"):
+            module.register(sub)
     return parser
 
 
