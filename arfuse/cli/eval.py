@@ -70,7 +70,9 @@ def print_report(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    import sys
+
+    con = Console() if sys.stdout.isatty() else Console(width=160)  # piped output: do not wrap at 80
     data = report.data
     head = (f"[bold]{data['name']}[/bold] ({data['scored']['tokens']:,} tokens scored, {data['chars']:,} characters; "
             f"{data['source']})\n{report.windowing}; BOS {', '.join('on' if b else 'off' for b in report.bos)}")

@@ -1,0 +1,156 @@
+"""`arfuse eval` end to end on tiny in-process models, and on the real stories260K."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from arfuse.adapters import load_model
+from arfuse.cli.main import main
+from arfuse.errors import ArfuseError
+from arfuse.fusion import linear
+from arfuse.scoring.scorer import ScoreConfig, score
+from arfuse.tasks.data import load_dataset
+from arfuse.tasks.metrics import perplexity_metrics
+from arfuse.tasks.perplexity import EvalConfig, evaluate
+
+OPTS = ["--window", "48", "--stride", "16", "--bos", "never", "--topk", "8", "--quiet"]
+CFG = ScoreConfig(window=48, stride=16, bos="never", topk=8)
+
+
+def _eval_json(capsys, *argv) -> dict:
+    assert main(["eval", *argv, *OPTS, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_table_names_models_weights_and_source(tiny_models, text_file, capsys):
+    assert main(["eval", "--large", tiny_models["large"], "--small", tiny_models["small"], "--data", text_file, *OPTS]) == 0
+    out = capsys.readouterr().out
+    for needle in ("AR fused", "uniform average", "token PPL", "gain %", "parameter ratio r",
+                   "NLL-optimal on the test data itself", "sliding window 48"):
+        assert needle in out, needle
+
+
+def test_searched_weight_is_exact_and_beats_every_grid_point(tiny_models, text_file, capsys):
+    rep = _eval_json(capsys, "--large", tiny_models["large"], "--small", tiny_models["small"], "--data", text_file)
+    w = rep["weights"][0]
+    # the fused PPL in the report equals a direct numpy computation on the cached arrays
+    data = load_dataset(text_file)
+    a = score(load_model(tiny_models["large"]), data, CFG, progress=False).logp.astype(np.float64)
+    b = score(load_model(tiny_models["small"]), data, CFG, progress=False).logp.astype(np.float64)
+    fused = [r for r in rep["rows"] if r["kind"] == "fused"][0]
+    direct = math.exp(-np.mean(np.log(w * np.exp(a) + (1 - w) * np.exp(b))))
+    assert fused["metrics"]["token_ppl"] == pytest.approx(direct, rel=1e-9)
+    grid = np.linspace(0, 1, 1001)
+    nll = [-np.mean(np.log(g * np.exp(a) + (1 - g) * np.exp(b))) for g in grid]
+    best = -np.mean(np.log(w * np.exp(a) + (1 - w) * np.exp(b)))
+    assert best <= min(nll) + 1e-12
+    # within 1e-6 of the optimum: the derivative changes sign across w +- 1e-6
+    d = lambda x: np.mean((np.exp(a) - np.exp(b)) / (x * np.exp(a) + (1 - x) * np.exp(b)))  # noqa: E731
+    if 0 < w < 1:
+        assert d(w - 1e-6) > 0 > d(w + 1e-6) or abs(d(w)) < 1e-9
+    assert rep["weight_source"].startswith("NLL-optimal on the test data itself")
+    assert rep["k"] == pytest.approx(w / (1 - w))
+
+
+def test_weight_one_reproduces_the_large_model_bit_for_bit(tiny_models, text_file, capsys):
+    rep = _eval_json(capsys, "--large", tiny_models["large"], "--small", tiny_models["small"], "--data", text_file,
+                     "--weight", "1")
+    rows = {r["kind"]: r for r in rep["rows"]}
+    assert rows["fused"]["metrics"] == rows["large"]["metrics"]
+    assert rows["fused"]["gain_pct"] == 0.0
+    data = load_dataset(text_file)
+    a = score(load_model(tiny_models["large"]), data, CFG, progress=False)
+    b = score(load_model(tiny_models["small"]), data, CFG, progress=False)
+    before = (a.logp.copy(), b.logp.copy())
+    fused = linear([a.logp, b.logp], [1.0, 0.0])
+    assert np.array_equal(fused, a.logp)
+    assert np.array_equal(a.logp, before[0]) and np.array_equal(b.logp, before[1])  # inputs untouched
+
+
+def test_valid_split_picks_the_weight_and_the_report_says_so(tiny_models, text_file, capsys):
+    rep = _eval_json(capsys, "--large", tiny_models["large"], "--small", tiny_models["small"],
+                     "--data", text_file + "[1500:]", "--valid", text_file + "[:1500]")
+    assert "validation data" in rep["weight_source"] and "[:1500]" in rep["weight_source"]
+    assert rep["valid"]["chars"] == 1500 and rep["data"]["chars"] == 1500
+
+
+def test_three_models_on_the_simplex(tiny_models, text_file, capsys):
+    rep = _eval_json(capsys, "--large", tiny_models["large"], "--small", tiny_models["small"],
+                     "--small", tiny_models["small2"], "--data", text_file)
+    assert len(rep["weights"]) == 3 and sum(rep["weights"]) == pytest.approx(1.0)
+    fused = [r for r in rep["rows"] if r["kind"] == "fused"][0]
+    assert fused["gain_pct"] >= 0.0   # the LLM alone is a point of the simplex
+
+
+def test_plot_is_written(tiny_models, text_file, tmp_path, capsys):
+    png = tmp_path / "gain.png"
+    assert main(["eval", "--large", tiny_models["large"], "--small", tiny_models["small"], "--data", text_file,
+                 *OPTS, "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--weight", "1.5"], "outside [0, 1]"),
+    (["--weight", "-0.1"], "outside [0, 1]"),
+    (["--weights", "0.5,0.6"], "sum to 1"),
+])
+def test_bad_weights_are_clear_errors(tiny_models, text_file, capsys, argv, needle):
+    assert main(["eval", "--large", tiny_models["large"], "--small", tiny_models["small"], "--data", text_file,
+                 *OPTS, *argv]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_different_vocabularies_name_both_sizes_and_the_union_rule(tiny_models, text_file, capsys):
+    assert main(["eval", "--large", tiny_models["large"], "--small", tiny_models["othervocab"], "--data", text_file,
+                 *OPTS]) == 2
+    err = capsys.readouterr().err
+    assert "320" in err and "300" in err and "union" in err
+
+
+def test_empty_file_and_missing_model_are_clear_errors(tiny_models, tmp_path, text_file, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["eval", "--large", tiny_models["large"], "--small", tiny_models["small"], "--data", str(empty), *OPTS]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["eval", "--large", str(tmp_path / "nope"), "--small", tiny_models["small"], "--data", text_file, *OPTS]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err
+
+
+def test_eval_twice_uses_the_cache(tiny_models, text_file, monkeypatch):
+    from arfuse.scoring import scorer as scorer_mod
+
+    cfg = EvalConfig(large=tiny_models["large"], smalls=[tiny_models["small"]], data=text_file, score=CFG)
+    first = evaluate(cfg, progress=False)
+    calls = []
+    monkeypatch.setattr(scorer_mod, "_score_windows", lambda *a, **k: calls.append(1))
+    second = evaluate(EvalConfig(**{**cfg.__dict__, "weights": [0.7, 0.3]}), progress=False)
+    assert calls == []   # nothing rescored
+    assert second.rows[0].metrics == first.rows[0].metrics
+
+
+# ---- real models -------------------------------------------------------------------------
+
+STORY = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
+         "friends. One day, she saw a big red ball under a tree. She ran to the ball and picked it up. Lily was "
+         "very happy. She played with the ball all day long. When the sun went down, she went home to her mom.\n")
+
+
+@pytest.mark.slow
+def test_stories260k_end_to_end(shared_data, tmp_path, capsys):
+    story = tmp_path / "story.txt"
+    story.write_text(STORY * 3)
+    assert main(["score", "stories260k", str(story), "--window", "64", "--stride", "32", "--bos", "always",
+                 "--quiet", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    m = load_model("stories260k")
+    assert m.num_parameters == 260_032
+    rec = score(m, load_dataset(str(story)), ScoreConfig(window=64, stride=32, bos="always"), progress=False)
+    direct = perplexity_metrics(rec.logp.astype(np.float64), rec.nbytes, rec.nchars, rec.nwords)
+    assert rep["token_ppl"] == pytest.approx(direct["token_ppl"], rel=1e-12)
+    # a 260K-parameter TinyStories model finds a simple story easy, and repetition easier still
+    assert 1.5 < direct["token_ppl"] < 12.0
+    # fusing the model with itself at any weight leaves every log-prob unchanged
+    fused = linear([rec.logp, rec.logp], [0.3, 0.7])
+    np.testing.assert_allclose(fused, rec.logp, atol=1e-6)
