@@ -154,3 +154,19 @@ def test_stories260k_end_to_end(shared_data, tmp_path, capsys):
     # fusing the model with itself at any weight leaves every log-prob unchanged
     fused = linear([rec.logp, rec.logp], [0.3, 0.7])
     np.testing.assert_allclose(fused, rec.logp, atol=1e-6)
+
+
+def test_independent_hf_guide_script_reproduces_arfuse_score(tiny_models, text_file, capsys):
+    """benchmarks/check_hf_guide_ppl.py (transformers only) gives the same token perplexity."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "check_hf_guide_ppl.py"
+    out = subprocess.run([sys.executable, str(script), tiny_models["large"], text_file, "3000", "48", "16"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert main(["score", tiny_models["large"], text_file, "--window", "48", "--stride", "16", "--bos", "never",
+                 "--quiet", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert int(out[1]) == rep["tokens"]
+    assert float(out[3]) == pytest.approx(rep["token_ppl"], rel=1e-5)

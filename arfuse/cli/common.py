@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from arfuse.scoring.scorer import ScoreConfig
-from arfuse.scoring.windows import CONVENTIONS
+from arfuse.scoring.windows import CONVENTIONS  # numpy only: `arfuse --help` must not import torch
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -26,5 +25,7 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def score_config(args) -> ScoreConfig:
+def score_config(args):
+    from arfuse.scoring.scorer import ScoreConfig
+
     return ScoreConfig(window=args.window, stride=args.stride, convention=args.convention, bos=args.bos, topk=args.topk)
