@@ -170,3 +170,8 @@ def test_independent_hf_guide_script_reproduces_arfuse_score(tiny_models, text_f
     rep = json.loads(capsys.readouterr().out)
     assert int(out[1]) == rep["tokens"]
     assert float(out[3]) == pytest.approx(rep["token_ppl"], rel=1e-5)
+
+
+def test_near_miss_model_name_suggests_the_alias(text_file, capsys):
+    assert main(["score", "smolm2-135m", text_file, "--quiet"]) == 2
+    assert "Did you mean 'smollm2-135m'" in capsys.readouterr().err

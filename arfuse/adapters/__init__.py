@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from arfuse.adapters.base import CausalLM, Encoding, ModelInfo
-from arfuse.adapters.registry import resolve_alias
-from arfuse.errors import ArfuseError
+from arfuse.adapters.registry import ALIASES, resolve_alias
+from arfuse.errors import ArfuseError, did_you_mean
 
 __all__ = ["CausalLM", "Encoding", "ModelInfo", "load_model"]
 
@@ -21,6 +21,10 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32", tokeni
         return _LOADED[key]
     name = spec
     path_str = resolve_alias(spec) or spec
+    if path_str == spec and "/" not in spec and not Path(spec).exists():
+        hint = did_you_mean(spec.lower(), ALIASES)
+        if hint:  # a near-miss of a short name, not a hub id
+            raise ArfuseError(f"unknown model {spec!r}.{hint} (or give a path or a Hugging Face hub id)")
     path = Path(path_str).expanduser()
     if path.suffix == ".bin" and path.is_file():
         from arfuse.adapters.llama2c import Llama2cLM
