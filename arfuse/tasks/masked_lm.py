@@ -1,0 +1,338 @@
+"""Masked-LM perplexity of protein models (ESM-2), alone and fused per masked position.
+
+The paper's definition (Appendix C): 15% of the residues are masked (special tokens
+never), and perplexity is the exponentiated mean cross-entropy over the masked positions,
+``exp(-sum log p(true residue) / n_masked)`` over the whole data set; a mean loss above 70
+is reported as infinite. Masked positions depend only on the sequence and the seed, so
+every model (and every batch size) sees the same masks, and the fused model is
+``log(w p_L + (1 - w) p_S)`` at each masked position.
+
+Sequences longer than ``max_residues`` are scored in consecutive crops of at most that
+many residues, each with its own <cls> and <eos>.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from arfuse.errors import ArfuseError, did_you_mean
+from arfuse.paths import shared_data_root
+
+NAMED_FASTA: dict[str, tuple[str, str]] = {
+    "uniref50-sample": ("protein/uniref50-sample.fasta", "15 UniRef50 protein sequences (facebookresearch/esm examples)"),
+}
+LOSS_CAP = 70.0  # a mean cross-entropy above this is reported as infinite perplexity (the paper's rule)
+
+
+# ---- data -------------------------------------------------------------------------------
+@dataclass
+class FastaRecord:
+    id: str
+    description: str
+    sequence: str
+
+
+@dataclass
+class ProteinDataset:
+    name: str
+    records: list[FastaRecord]
+    source: str
+    description: str = ""
+
+    @property
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for r in self.records:
+            h.update(f"{r.id}\0{len(r.sequence)}\0{r.sequence}\0".encode())
+        return h.hexdigest()
+
+    @property
+    def n_residues(self) -> int:
+        return sum(len(r.sequence) for r in self.records)
+
+    def summary(self) -> dict:
+        return {"name": self.name, "source": self.source, "sequences": len(self.records),
+                "residues": self.n_residues, "sha256": self.content_hash}
+
+
+def read_fasta(path: str | Path) -> list[FastaRecord]:
+    """Records of a FASTA file; sequence lines are joined, whitespace dropped, case kept."""
+    path = Path(path)
+    records: list[FastaRecord] = []
+    cur: list[str] | None = None
+    header = ""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith(";"):
+                continue
+            if line.startswith(">"):
+                if cur is not None:
+                    records.append(_record(header, cur, path))
+                header, cur = line[1:].strip(), []
+            elif cur is None:
+                raise ArfuseError(f"{path}:{lineno}: sequence data before the first '>' header: "
+                                  "a FASTA file starts each record with a '>name' line")
+            else:
+                cur.append("".join(line.split()))
+    if cur is not None:
+        records.append(_record(header, cur, path))
+    if not records:
+        raise ArfuseError(f"{path} holds no FASTA record: each record is a '>name' line followed by its sequence")
+    return records
+
+
+def _record(header: str, lines: list[str], path: Path) -> FastaRecord:
+    rid, _, desc = header.partition(" ")
+    seq = "".join(lines)
+    if not seq:
+        raise ArfuseError(f"{path}: FASTA record {rid or header!r} has an empty sequence: remove it or add its residues")
+    return FastaRecord(rid or f"record{len(lines)}", desc, seq)
+
+
+def load_protein_dataset(spec: str) -> ProteinDataset:
+    """FASTA records from a name (``uniref50-sample``) or a path."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        if p.is_dir():
+            raise ArfuseError(f"data {spec} is a folder: give a FASTA file")
+        return ProteinDataset(spec, read_fasta(p), str(p.resolve()))
+    if spec in NAMED_FASTA:
+        rel, desc = NAMED_FASTA[spec]
+        root = shared_data_root()
+        if root is None or not (root / rel).exists():
+            raise ArfuseError(f"data {spec!r} needs the shared data folder ({rel}): set ARFUSE_DATA, or give a FASTA file")
+        return ProteinDataset(spec, read_fasta(root / rel), str((root / rel).resolve()), desc)
+    if "/" in spec or "." in p.name:
+        raise ArfuseError(f"FASTA file {spec} does not exist: check the path")
+    raise ArfuseError(f"unknown protein data set {spec!r}: give a FASTA file or one of {', '.join(NAMED_FASTA)}."
+                      + did_you_mean(spec, NAMED_FASTA))
+
+
+def is_fasta_data(spec: str) -> bool:
+    return spec in NAMED_FASTA or Path(spec).suffix.lower() in (".fasta", ".fa", ".faa", ".fas")
+
+
+# ---- masking ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MaskConfig:
+    """Everything that decides which positions are scored, besides the data."""
+
+    rate: float = 0.15
+    seed: int = 0
+    max_residues: int = 1022   # residues per crop (ESM-2 was trained on crops of 1,022 + 2 specials)
+
+    def __post_init__(self):
+        if not 0.0 < self.rate <= 1.0:
+            raise ArfuseError(f"mask rate {self.rate} is outside (0, 1]: use e.g. 0.15 for 15% of the residues")
+        if self.max_residues < 1:
+            raise ArfuseError(f"max_residues {self.max_residues} must be at least 1")
+
+    def describe(self) -> str:
+        return (f"{self.rate:.0%} of residues masked (seed {self.seed}), crops of at most {self.max_residues} "
+                "residues; specials never masked")
+
+
+def mask_positions(sequence: str, rate: float = 0.15, seed: int = 0) -> np.ndarray:
+    """Sorted residue indices to mask: round(rate * L) of them (at least one), drawn without
+    replacement by a generator seeded with ``seed`` and the sequence itself, so the masks do
+    not depend on the record's position in the file, the model or the batch."""
+    n = len(sequence)
+    k = min(n, max(1, int(round(rate * n))))
+    digest = int.from_bytes(hashlib.sha256(sequence.encode()).digest()[:8], "little")
+    rng = np.random.default_rng([seed, digest])
+    return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+
+
+@dataclass
+class MaskedInput:
+    """One crop ready for the model: ids with <cls>/<eos>, the masked token positions."""
+
+    doc: int                 # record index
+    start: int               # residue index of the crop's first residue
+    ids: np.ndarray          # (T,) masked input ids, <cls> ... <eos>
+    positions: np.ndarray    # (m,) token positions that are masked (1-based in ids: residue r at r - start + 1)
+    targets: np.ndarray      # (m,) the true residue ids there
+
+
+def masked_inputs(model, dataset: ProteinDataset, cfg: MaskConfig) -> list[MaskedInput]:
+    """Every crop of every record with its masks; raises on a residue outside the alphabet."""
+    out = []
+    for d, rec in enumerate(dataset.records):
+        ids = np.asarray(model.encode(rec.sequence, rec.id), np.int64)
+        masked = mask_positions(rec.sequence, cfg.rate, cfg.seed)
+        for start in range(0, len(ids), cfg.max_residues):
+            end = min(len(ids), start + cfg.max_residues)
+            m = masked[(masked >= start) & (masked < end)]
+            if len(m) == 0:
+                continue
+            x = np.concatenate([[model.cls_id], ids[start:end], [model.eos_id]])
+            pos = m - start + 1
+            x[pos] = model.mask_id
+            out.append(MaskedInput(d, start, x, pos, ids[m]))
+    return out
+
+
+def masked_ppl(logp: np.ndarray) -> float:
+    """exp of the mean cross-entropy over masked positions; inf above the paper's cap of 70."""
+    if len(logp) == 0:
+        return math.nan
+    ce = -float(np.mean(np.asarray(logp, np.float64)))
+    return math.inf if ce > LOSS_CAP else math.exp(ce)
+
+
+# ---- evaluation -------------------------------------------------------------------------
+@dataclass
+class MLMRow:
+    name: str
+    kind: str                # "large", "small", "uniform", "fused"
+    ppl: float               # masked-position perplexity
+    ce: float                # mean cross-entropy (nats) over masked positions
+    accuracy: float | None   # top-1 accuracy of the masked residue (None for mixtures of several models)
+    gain_pct: float          # perplexity gain over the large model, in %
+    weights: list[float] | None = None
+
+
+@dataclass
+class MaskedLMReport:
+    models: list[dict]
+    data: dict
+    valid: dict | None
+    masking: str
+    masked_positions: int
+    weights: list[float]
+    k: float | None
+    weight_source: str
+    param_ratio: list[float]
+    rows: list[MLMRow]
+    domain_k: tuple[float, float] | None = None
+    k_star: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        from arfuse.tasks.classification import json_safe
+
+        return json_safe(asdict(self))
+
+    def to_json(self, indent: int = 2) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def table(self) -> str:
+        """A plain-text table of each model alone, the uniform average and the fused model."""
+        from arfuse.tasks.classification import fmt_k, render_table
+
+        params = {m["name"]: m["num_parameters"] for m in self.models}
+        head = (f"{self.data['name']}: {self.data['sequences']} sequences, {self.data['residues']:,} residues, "
+                f"{self.masked_positions:,} masked positions ({self.data['source']})\n{self.masking}")
+        rows = [[r.name, f"{params[r.name] / 1e6:.2f}M" if r.name in params else "",
+                 f"{r.ppl:.4f}", f"{r.ce:.4f}", "" if r.accuracy is None else f"{100 * r.accuracy:.2f}",
+                 f"{r.gain_pct:+.3f}" if r.kind != "large" else "",
+                 "" if r.weights is None else f"{r.weights[0]:.6f}",
+                 "" if r.weights is None or len(r.weights) != 2 else fmt_k(r.weights[0] / (1 - r.weights[0]) if r.weights[0] < 1 else math.inf)]
+                for r in self.rows]
+        lines = [head, render_table(["model", "params", "masked PPL", "CE (nats)", "acc %", "gain %", "w", "k"], rows)]
+        lines.append(f"weight source: {self.weight_source}")
+        if self.k_star is not None:
+            dom = f"k > {self.domain_k[0]:.4g}" if self.domain_k else "empty"
+            lines.append(f"NLL optimum on the reported data: k* = {fmt_k(self.k_star)}; improvement domain {dom}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def evaluate_masked_lm(large: str, smalls: list[str] | str, data: str, *, valid: str | None = None,
+                       weight: float | None = None, weights: list[float] | None = None,
+                       mask: MaskConfig = MaskConfig(), device: str = "cpu", batch_size: int = 8,
+                       use_cache: bool = True, progress: bool = True) -> MaskedLMReport:
+    """Masked-position perplexity of ``large``, each small model, and their AR fusion.
+
+    The weight is ``weight`` (the large model's w) or ``weights`` (one per model) when given,
+    else the exact NLL optimum on ``valid`` (or on ``data`` itself, said in the report).
+    """
+    from arfuse.adapters.protein import load_protein_model
+    from arfuse.fusion import check_weights, linear, uniform, w_to_k
+    from arfuse.scoring.masked import score_masked
+    from arfuse.search import improvement_domain, optimal_weight, optimal_weights_em
+
+    smalls = [smalls] if isinstance(smalls, str) else list(smalls)
+    if weight is not None:
+        if weights is not None:
+            raise ArfuseError("give weight (the large model's w) or weights (one per model), not both")
+        if len(smalls) != 1:
+            raise ArfuseError(f"weight is for two models but {1 + len(smalls)} were given: give weights=[w1, w2, ...]")
+        weights = [weight, 1.0 - weight]
+    if weights is not None:
+        weights = check_weights(weights, 1 + len(smalls))
+    specs = [large, *smalls]
+    models = [load_protein_model(s, device=device) for s in specs]
+    for m in models[1:]:
+        if m.vocab != models[0].vocab:
+            raise ArfuseError(f"{m.info.name} and {models[0].info.name} have different vocabularies: per-position "
+                              "fusion needs the same residue alphabet in the same order")
+    names = [m.info.name for m in models]
+    if len(set(names)) != len(names):
+        raise ArfuseError(f"the same model is given twice ({', '.join(names)}): fuse different models")
+    ds = load_protein_dataset(data)
+    vds = load_protein_dataset(valid) if valid else None
+
+    def score_all(d):
+        recs = [score_masked(m, d, mask, batch_size=batch_size, use_cache=use_cache, progress=progress) for m in models]
+        for r, n in zip(recs[1:], names[1:]):
+            if not np.array_equal(r.target, recs[0].target) or not np.array_equal(r.pos, recs[0].pos):
+                raise ArfuseError(f"{n} and {names[0]} scored different masked positions: use the same mask settings")
+        return recs
+
+    recs = score_all(ds)
+    lps = [r.logp.astype(np.float64) for r in recs]
+    fit = [r.logp.astype(np.float64) for r in score_all(vds)] if vds else lps
+    notes: list[str] = []
+    if weights is not None:
+        source = "given"
+    elif len(models) == 2:
+        opt = optimal_weight(fit[0], fit[1])
+        weights = [opt.w, 1.0 - opt.w]
+        source = (f"NLL-optimal on the validation data ({vds.name})" if vds else
+                  f"NLL-optimal on the reported data itself ({ds.name}): no validation data given, so the gain is optimistic")
+    else:
+        ws, iters, conv = optimal_weights_em(fit)
+        weights = ws.tolist()
+        source = f"NLL-optimal (EM, {iters} iterations) on " + (f"the validation data ({vds.name})" if vds else f"{ds.name} itself")
+        if not conv:
+            notes.append("EM did not reach its tolerance: the weights are approximate")
+    base = masked_ppl(lps[0])
+
+    def row(name, kind, lp, acc, w=None):
+        p = masked_ppl(lp)
+        return MLMRow(name, kind, p, -float(np.mean(lp)), acc, 100.0 * (1.0 - p / base), w)
+
+    accs = [float(np.mean(r.topk_ids[:, 0] == r.target)) for r in recs]
+    rows = [row(names[0], "large", lps[0], accs[0])]
+    rows += [row(n, "small", lp, a) for n, lp, a in zip(names[1:], lps[1:], accs[1:])]
+    fused_acc = uni_acc = None
+    if len(models) == 2 and recs[0].topk_ids.shape[1] >= models[0].info.vocab_size:
+        from arfuse.tasks.classification import fused_predictions
+
+        fused_acc = float(np.mean(fused_predictions(recs[0], recs[1], weights[0]) == recs[0].target))
+        uni_acc = float(np.mean(fused_predictions(recs[0], recs[1], 0.5) == recs[0].target))
+    rows.append(row("uniform average", "uniform", uniform(lps), uni_acc, [1.0 / len(lps)] * len(lps)))
+    rows.append(row("AR fused", "fused", linear(lps, weights), fused_acc, list(weights)))
+    report = MaskedLMReport(
+        models=[{"name": m.info.name, "spec": s, "kind": m.info.kind, "num_parameters": m.num_parameters,
+                 "identity": m.info.identity} for m, s in zip(models, specs)],
+        data=ds.summary(), valid=vds.summary() if vds else None, masking=mask.describe(),
+        masked_positions=len(recs[0]), weights=list(weights), k=w_to_k(weights[0]) if len(weights) == 2 else None,
+        weight_source=source, param_ratio=[models[0].num_parameters / m.num_parameters for m in models[1:]],
+        rows=rows, notes=notes)
+    if len(models) == 2:
+        opt_t = optimal_weight(lps[0], lps[1])
+        report.k_star = opt_t.k
+        dom = improvement_domain(lps[0], lps[1], opt_t)
+        report.domain_k = (w_to_k(dom[0]), math.inf) if dom else None
+    if any(math.isinf(r.ppl) for r in rows):
+        notes.append(f"a mean cross-entropy above {LOSS_CAP:g} nats is reported as infinite perplexity (the paper's rule)")
+    return report
