@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,6 +55,19 @@ def load_hf_tokenizer(spec: str):
             return AutoTokenizer.from_pretrained(conv)
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return AutoTokenizer.from_pretrained(spec)
+
+
+@dataclass
+class HFStepCache:
+    """A transformers KV cache with which of its positions are real tokens and each row's next position."""
+
+    cache: object               # transformers DynamicCache, extended in place by each step
+    mask: torch.Tensor          # (B, T_past) bool, True for real tokens
+    next_pos: torch.Tensor      # (B,) long
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
 
 
 class HFCausalLM(CausalLM):
@@ -145,6 +159,27 @@ class HFCausalLM(CausalLM):
 
     def forward_logits(self, input_ids, attention_mask=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    @torch.no_grad()
+    def forward_step(self, input_ids: torch.Tensor, past: HFStepCache | None = None,
+                     attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, HFStepCache]:
+        """Logits (B, T, V) of new tokens given the cache of the earlier ones, and the extended cache.
+
+        ``attention_mask`` covers the new tokens only; positions count real tokens, so left
+        padding (and masked-out positions in the cache) change nothing. The cache is extended in place.
+        """
+        from transformers import DynamicCache
+
+        B, T = input_ids.shape
+        new_mask = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
+        if past is None:
+            past = HFStepCache(DynamicCache(config=self.model.config), torch.zeros(B, 0, dtype=torch.bool),
+                               torch.zeros(B, dtype=torch.long))
+        mask = torch.cat([past.mask, new_mask], dim=1)  # (B, T_past + T)
+        pos = (past.next_pos[:, None] + new_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.long().to(self.device),
+                         position_ids=pos.to(self.device), past_key_values=past.cache, use_cache=True)
+        return out.logits, HFStepCache(out.past_key_values, mask, past.next_pos + new_mask.long().sum(1))
 
     def forward_logits_tail(self, input_ids, n):
         try:

@@ -1,0 +1,73 @@
+"""The cosine-similarity AR variant (the AR paper, Appendix B.3).
+
+The LLM's distribution is reweighted by how similar each token is to the SLM's top choice:
+
+    P(v) ∝ p_LLM(v) * s(v, a)^p,      a = argmax p_SLM,      s = (1 + cos(e_v, e_a)) / 2
+
+with e the rows of a token-embedding matrix (the LLM's input embeddings by default) and p >= 0
+the power that carries the relative-overfitting information, searched like the weight w of the
+linear rule (p = 0 is the LLM alone). The paper raises the cosine itself to the power p; a
+cosine can be negative, so arfuse maps it to [0, 1] first, which keeps every token possible and
+the fused log-likelihood finite. Similarities are computed on demand, one row per SLM argmax
+(V dot products), never as a V x V matrix.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from arfuse.errors import ArfuseError
+
+
+def check_power(power: float) -> float:
+    p = float(power)
+    if not p >= 0.0 or p == float("inf"):
+        raise ArfuseError(f"power {power} must be a finite number >= 0: p = 0 is the LLM alone, larger p "
+                          "pulls the LLM harder towards tokens similar to the SLM's top choice")
+    return p
+
+
+def unit_rows(emb) -> torch.Tensor:
+    """The embedding matrix (V, D) with each row scaled to unit length (float32), computed once per model."""
+    e = torch.as_tensor(emb).float()
+    return e / e.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def log_similarity(unit_emb: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """log s(v, a) for every token v against each anchor token a: anchor (...,) -> (..., V)."""
+    cos = unit_emb[anchor.to(unit_emb.device)] @ unit_emb.T  # (..., V)
+    return torch.log(((1.0 + cos) * 0.5).clamp(min=0.0))
+
+
+def _to_torch(x):
+    return (torch.from_numpy(np.asarray(x)), True) if not isinstance(x, torch.Tensor) else (x, False)
+
+
+def cosine(logp_llm, logp_slm, unit_emb: torch.Tensor, power: float):
+    """Fused log-probs (..., V) of the cosine rule from the LLM's and SLM's log-probs (..., V)."""
+    p = check_power(power)
+    ll, was_np = _to_torch(logp_llm)
+    ls, _ = _to_torch(logp_slm)
+    if ll.shape != ls.shape:
+        raise ArfuseError(f"log-prob shapes differ ({tuple(ll.shape)} vs {tuple(ls.shape)}): the cosine rule needs "
+                          "two models with one vocabulary; use the top-k-union rule (--rule union) across tokenizers")
+    if p == 0.0:
+        out = ll.clone()
+    else:
+        logs = log_similarity(unit_emb, ls.argmax(-1)).to(ll.device, ll.dtype)
+        out = torch.log_softmax(ll + p * logs, dim=-1)
+    return out.numpy() if was_np else out
+
+
+def cosine_target_logprobs(logp_llm: torch.Tensor, slm_argmax: torch.Tensor, targets: torch.Tensor,
+                           unit_emb: torch.Tensor, powers) -> torch.Tensor:
+    """log P_p(target) of the cosine rule at several powers at once: logp_llm (N, V), slm_argmax and
+    targets (N,), powers (P,) -> (N, P). For scoring: the full LLM distribution is needed per
+    position (the normaliser sums over the vocabulary), the SLM's argmax only."""
+    ps = torch.as_tensor([check_power(p) for p in powers], dtype=torch.float64)  # (P,)
+    logs = log_similarity(unit_emb, slm_argmax).double()  # (N, V)
+    ll = logp_llm.double()
+    z = torch.logsumexp(ll[:, None, :] + ps[None, :, None] * logs[:, None, :], dim=-1)  # (N, P)
+    t = targets.long().unsqueeze(-1)
+    lt = ll.gather(-1, t) + ps[None, :] * logs.gather(-1, t)  # (N, P)
+    return (lt - z).float()

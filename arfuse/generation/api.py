@@ -1,0 +1,111 @@
+"""The Python API of generation: ``generate`` and the ``Stream`` of chunks it returns."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from arfuse.adapters.base import CausalLM
+from arfuse.errors import ArfuseError
+from arfuse.generation.config import GenerationConfig
+from arfuse.generation.decode import Chunk, Decoder, GenerationResult, GenerationStats
+from arfuse.generation.rules import RULES, CosineRule, LinearRule, input_embeddings
+
+__all__ = ["generate", "Stream", "GenerationConfig", "GenerationResult", "GenerationStats", "Chunk", "Decoder",
+           "build_rule", "LinearRule", "CosineRule"]
+
+
+class Stream:
+    """An iterator of ``Chunk``s as tokens are accepted; ``results`` and ``stats`` once it is exhausted."""
+
+    def __init__(self, decoder: Decoder, prompts: list[str]):
+        self.decoder = decoder
+        self._it = decoder.run(prompts)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return self._it
+
+    def __next__(self) -> Chunk:
+        return next(self._it)
+
+    @property
+    def results(self) -> list[GenerationResult]:
+        return self.decoder.results
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.decoder.stats
+
+
+def build_rule(models: Sequence[CausalLM], *, rule: str = "linear", weight: float | None = None,
+               weights: Sequence[float] | None = None, power: float | None = None, embeddings: str = "large"):
+    """The fusion rule for ``models`` (the LLM first) from user-facing options."""
+    if rule not in RULES:
+        from arfuse.errors import did_you_mean
+
+        raise ArfuseError(f"unknown rule {rule!r}: use one of {', '.join(RULES)} (union: models with different "
+                          f"tokenizers, not yet in generation).{did_you_mean(rule, RULES)}")
+    n = len(models)
+    if rule == "cosine":
+        if n != 2:
+            raise ArfuseError(f"the cosine rule fuses one large and one small model, {n} models given")
+        if power is None:
+            raise ArfuseError("the cosine rule needs its power p (--power), e.g. 1.0; p = 0 is the LLM alone")
+        if embeddings not in ("large", "small"):
+            raise ArfuseError(f"embeddings {embeddings!r}: use 'large' or 'small' (whose token embeddings give the similarity)")
+        return CosineRule(power, input_embeddings(models[0 if embeddings == "large" else 1]))
+    if weights is None:
+        if n == 1:
+            weights = [1.0]
+        elif weight is None:
+            raise ArfuseError("give the LLM's weight w (--weight, e.g. 0.9; `arfuse eval --search` finds the best one) "
+                              "or one weight per model (--weights)")
+        elif n != 2:
+            raise ArfuseError(f"--weight is for two models but {n} were given: use --weights w1,w2,... (the LLM first)")
+        else:
+            w = float(weight)
+            if not 0.0 <= w <= 1.0:
+                raise ArfuseError(f"weight {weight} is outside [0, 1]: give the LLM's weight w, e.g. 0.9 "
+                                  "(a weight ratio k corresponds to w = k / (1 + k))")
+            weights = [w, 1.0 - w]
+    return LinearRule(weights)
+
+
+def _load(spec, device: str, dtype: str) -> CausalLM:
+    if isinstance(spec, CausalLM):
+        return spec
+    from arfuse.adapters import load_model
+
+    return load_model(str(spec), device=device, dtype=dtype)
+
+
+def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | None = None,
+             weights: Sequence[float] | None = None, rule: str = "linear", power: float | None = None,
+             embeddings: str = "large", max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, stop: str | Sequence[str] | None = None, seed: int = 0,
+             speculative: int | str | None = None, truncate: str = "error", bos: str = "auto",
+             stream: bool = False, device: str = "cpu", dtype: str = "float32"):
+    """Generate from P = w p_LLM + (1 - w) p_SLM (or the cosine rule).
+
+    ``large``/``small``: model names, paths or loaded ``CausalLM``s (``small`` may be a list).
+    ``temperature == 0`` is greedy; ``speculative`` g >= 1 (or "auto") drafts with the first small
+    model and verifies against P exactly. Prompt i of a list samples with seed + i, so its output
+    is the same alone or in a batch. Returns a ``GenerationResult`` for one prompt, a list for a
+    list, or a ``Stream`` of ``Chunk``s with ``stream=True``.
+    """
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                           stop=list([stop] if isinstance(stop, str) else (stop or [])), seed=seed,
+                           speculative=speculative, truncate=truncate, bos=bos)
+    smalls = [] if small is None else ([small] if isinstance(small, (str, CausalLM)) else list(small))
+    models = [_load(large, device, dtype)] + [_load(s, device, dtype) for s in smalls]
+    fuse = build_rule(models, rule=rule, weight=weight, weights=weights, power=power, embeddings=embeddings)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ArfuseError("no prompts given: pass a string or a list of strings")
+    decoder = Decoder(models, fuse, cfg)
+    s = Stream(decoder, prompts)
+    if stream:
+        return s
+    for _ in s:
+        pass
+    for r in s.results:
+        r.stats = s.stats
+    return s.results[0] if isinstance(prompt, str) else s.results

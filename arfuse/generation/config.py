@@ -1,0 +1,59 @@
+"""What to generate and how: a validated config that rejects bad values with the fix."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from arfuse.errors import ArfuseError
+
+TRUNCATE = ("error", "left")
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings. ``temperature == 0`` is greedy decoding of the fused distribution.
+
+    speculative: None plain fused decoding; an int g >= 1 drafts g tokens with the first small
+    model per large-model pass; "auto" picks g from the measured acceptance rate and step times.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+    speculative: int | str | None = None
+    max_draft: int = 8                   # upper bound on g when speculative == "auto"
+    truncate: str = "error"              # a prompt too long for a model's context: "error" or "left"
+    stop_at_eos: bool = True
+    bos: str = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ArfuseError(f"max_new_tokens {self.max_new_tokens!r} must be an integer >= 1")
+        if not self.temperature >= 0 or math.isinf(self.temperature):
+            raise ArfuseError(f"temperature {self.temperature} must be >= 0 (0 is greedy decoding)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ArfuseError(f"top_p {self.top_p} must be in (0, 1] (1 keeps the whole distribution)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ArfuseError(f"top_k {self.top_k!r} must be an integer >= 0 (0 keeps every token)")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not s for s in self.stop):
+            raise ArfuseError("an empty stop string would stop at once: give non-empty stop strings")
+        sp = self.speculative
+        if sp is not None and sp != "auto":
+            if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1:
+                raise ArfuseError(f"speculative g = {sp!r} must be an integer >= 1 (tokens the small model drafts "
+                                  "per large-model pass), 'auto' to choose it from the measured acceptance rate, "
+                                  "or None for plain fused decoding")
+        if not isinstance(self.max_draft, int) or self.max_draft < 1:
+            raise ArfuseError(f"max_draft {self.max_draft!r} must be an integer >= 1")
+        if self.truncate not in TRUNCATE:
+            raise ArfuseError(f"truncate {self.truncate!r}: use 'error' (refuse a prompt longer than the context) "
+                              "or 'left' (drop its oldest tokens)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,306 @@
+"""The decoding loop: one state per model, fused greedy, sampling and speculative decoding.
+
+Invariant between cycles: every model has seen every committed token of a row except the
+last one (``last``). A plain cycle feeds ``last`` to each model and picks the next token from
+the fused distribution P. A speculative cycle lets the drafting model (the first small one)
+propose g tokens from its own distribution q, runs each other model once over
+``last`` and the drafts, and verifies them against P (see ``speculative.py``); the drafter
+sees one more token only when every draft was accepted, for P at the bonus position.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from arfuse.adapters.base import CausalLM
+from arfuse.errors import ArfuseError
+from arfuse.generation.config import GenerationConfig
+from arfuse.generation.draft_length import DraftLength
+from arfuse.generation.sampling import residual, sample, transform
+from arfuse.generation.speculative import accepted_counts
+from arfuse.generation.state import ModelState
+
+Rule = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class Chunk:
+    """New text of one prompt, as it comes: ``index`` is the prompt's position in the input list."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None   # set on a prompt's last chunk: "length", "stop" or "eos"
+
+
+@dataclass
+class GenerationResult:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+
+@dataclass
+class GenerationStats:
+    rule: str
+    mode: str
+    new_tokens: int = 0
+    seconds: float = 0.0
+    cycles: int = 0
+    large_passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    draft_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted drafts over drafted tokens (None without speculation)."""
+        return self.accepted / self.drafted if self.drafted else None
+
+
+def check_same_vocab(models: Sequence[CausalLM]) -> None:
+    big = models[0]
+    for m in models[1:]:
+        if m.info.vocab_size != big.info.vocab_size or m.tokenizer_fingerprint() != big.tokenizer_fingerprint():
+            raise ArfuseError(
+                f"vocabularies differ ({big.info.vocab_size:,} tokens in {big.info.name} vs {m.info.vocab_size:,} in "
+                f"{m.info.name}, or different tokenizers): the linear and cosine rules need one tokenizer; models with "
+                "different tokenizers need the top-k-union rule (--rule union)")
+
+
+class _Row:
+    """One prompt's output so far."""
+
+    def __init__(self, index: int, prompt: str, prompt_tokens: int, seed: int):
+        self.index, self.prompt, self.prompt_tokens = index, prompt, prompt_tokens
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.reason: str | None = None
+        self.gen = torch.Generator().manual_seed(seed)
+
+
+class Decoder:
+    """Generates from the fused distribution of ``models`` (the LLM first) under ``rule``."""
+
+    def __init__(self, models: Sequence[CausalLM], rule: Rule, config: GenerationConfig):
+        if config.speculative is not None and len(models) < 2:
+            raise ArfuseError("speculative decoding needs a small model to draft: give --small (or drop --speculative)")
+        check_same_vocab(models)
+        self.models = list(models)
+        self.rule = rule
+        self.cfg = config
+        self.tok = models[0]
+        self.stats = GenerationStats(rule=getattr(rule, "describe", lambda: str(rule))(),
+                                     mode="greedy" if config.greedy else "sampling")
+
+    # ---- prompts -------------------------------------------------------------------------
+    def _prompt_ids(self, model: CausalLM, text: str) -> list[int]:
+        ids = model.encode(text).ids
+        bos = [model.bos_id] if model.uses_bos(self.cfg.bos) else []
+        limit = model.info.max_length
+        c = self.cfg
+        # sampling drafts past max_new_tokens in the last cycle (its surplus is dropped)
+        headroom = 0 if c.speculative is None or c.greedy else (c.max_draft if c.speculative == "auto" else c.speculative)
+        if limit is not None and len(bos) + len(ids) + c.max_new_tokens + headroom > limit:
+            room = limit - c.max_new_tokens - headroom - len(bos)
+            if self.cfg.truncate == "left" and room >= 1:
+                ids = ids[len(ids) - room:]
+            else:
+                raise ArfuseError(
+                    f"prompt of {len(bos) + len(ids):,} tokens plus {self.cfg.max_new_tokens} new tokens exceeds "
+                    f"{model.info.name}'s context of {limit:,} tokens: shorten the prompt, lower max_new_tokens, "
+                    + ("" if self.cfg.truncate == "left" else "or pass truncate='left' (--truncate left) to drop "
+                       "the prompt's oldest tokens"))
+        if not bos + ids:
+            raise ArfuseError("the prompt is empty and the model adds no BOS token: give some text (or --bos always)")
+        return bos + ids
+
+    def _prefill(self, states: list[ModelState], prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """Feed every model its prompts but the last token; return the last tokens (B,)."""
+        last = None
+        n_prompt = []
+        for m, st in zip(self.models, states):
+            seqs = [self._prompt_ids(m, p) for p in prompts]
+            lasts = torch.tensor([s[-1] for s in seqs])
+            if last is None:
+                last, n_prompt = lasts, [len(s) for s in seqs]
+            elif not torch.equal(last, lasts):
+                raise ArfuseError("the models tokenize the prompt differently: the linear and cosine rules need one "
+                                  "tokenizer; use the top-k-union rule (--rule union) for different tokenizers")
+            width = max(len(s) - 1 for s in seqs)
+            if width:
+                ids = torch.zeros(len(seqs), width, dtype=torch.long)
+                mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+                for b, s in enumerate(seqs):  # left padding
+                    n = len(s) - 1
+                    if n:
+                        ids[b, width - n:] = torch.tensor(s[:-1])
+                        mask[b, width - n:] = True
+                st.feed(ids, mask)
+        return last, n_prompt
+
+    # ---- choosing tokens -----------------------------------------------------------------
+    def _target(self, fused: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        return fused if c.greedy else transform(fused, c.temperature, c.top_k, c.top_p)
+
+    def _pick(self, logp: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+        """Greedy argmax, or an inverse-CDF draw with the rows' uniforms: (N, V) -> (N,)."""
+        return logp.argmax(-1).cpu() if u is None else sample(logp, u).cpu()
+
+    # ---- one cycle -----------------------------------------------------------------------
+    def _plain_cycle(self, states, last, U):
+        logps = [st.feed(last[:, None])[:, 0] for st in states]  # each (B, V)
+        y = self._pick(self._target(self.rule(logps)), None if U is None else U[:, 0])
+        self.stats.large_passes += 1
+        return [[t] for t in y.tolist()]
+
+    def _spec_cycle(self, states, last, g: int, U, timing: dict):
+        """Draft g tokens, verify them in one pass of every other model, commit 1..g+1 tokens per row."""
+        d = 1  # the first small model drafts
+        drafter, others = states[d], [s for i, s in enumerate(states) if i != d]
+        B = last.shape[0]
+        greedy = U is None
+        t0 = time.perf_counter()
+        raw, logq, draft = [], [], []
+        inp = last
+        for i in range(g):
+            lq = drafter.feed(inp[:, None])[:, 0]  # p_S at this position, (B, V)
+            q = lq if greedy else self._target(lq)
+            x = self._pick(q, None if greedy else U[:, i])
+            raw.append(lq)
+            logq.append(q)
+            draft.append(x)
+            inp = x
+        draft_t = torch.stack(draft, 1)  # (B, g)
+        raw_t, logq_t = torch.stack(raw, 1), torch.stack(logq, 1)  # (B, g, V)
+        t1 = time.perf_counter()
+        block = torch.cat([last[:, None], draft_t], 1)  # (B, g + 1)
+        vlp = [st.feed(block) for st in others]  # each (B, g + 1, V)
+        t2 = time.perf_counter()
+
+        def fused(pos_logps_drafter, pos):
+            lps = list(vlp)
+            lps = [v[:, pos] for v in lps]
+            lps.insert(d, pos_logps_drafter)
+            return self._target(self.rule(lps))
+
+        target = fused(raw_t, slice(0, g))  # (B, g, V)
+        n = accepted_counts(draft_t, logq_t, target, None if greedy else U[:, g:2 * g])  # (B,)
+        y = torch.zeros(B, dtype=torch.long)
+        rej = torch.nonzero(n < g).squeeze(-1)
+        if rej.numel():
+            pos = n[rej]
+            t_rej, q_rej = target[rej, pos], logq_t[rej, pos]  # (R, V)
+            y[rej] = self._pick(t_rej if greedy else residual(t_rej, q_rej), None if greedy else U[rej, 2 * g])
+        full = torch.nonzero(n == g).squeeze(-1)
+        fed_drafter = g
+        t3 = time.perf_counter()
+        if full.numel():
+            lq_g = drafter.feed(draft_t[:, -1:])[:, 0]  # p_S at the bonus position, (B, V)
+            fed_drafter = g + 1
+            bonus = fused(lq_g, g)  # (B, V): P from every model there, not the LLM's alone
+            y[full] = self._pick(bonus[full], None if greedy else U[full, 2 * g])
+        t4 = time.perf_counter()
+        drafter.rollback(fed_drafter, 1 + n)
+        for st in others:
+            st.rollback(g + 1, 1 + n)
+        s = self.stats
+        s.large_passes += 1
+        s.drafted += g * B
+        s.accepted += int(n.sum())
+        timing.update(draft=(t1 - t0 + t4 - t3) / (g + (fed_drafter - g)), verify=t2 - t1,
+                      accepted=int(n.sum()), trials=int((n + (n < g).long()).sum()))
+        nl = n.tolist()
+        return [draft_t[b, :nl[b]].tolist() + [int(y[b])] for b in range(B)]
+
+    # ---- text ----------------------------------------------------------------------------
+    def _commit(self, row: _Row, tokens: list[int]) -> Chunk | None:
+        cfg = self.cfg
+        new: list[int] = []
+        for t in tokens:
+            if cfg.stop_at_eos and self.tok.eos_id is not None and t == self.tok.eos_id:
+                row.reason = "eos"
+                break
+            row.ids.append(t)
+            new.append(t)
+            row.text = self.tok.decode(row.ids)
+            hits = [i for i in (row.text.find(s) for s in cfg.stop) if i >= 0]
+            if hits:
+                row.text = row.text[:min(hits)]
+                row.reason = "stop"
+                break
+            if len(row.ids) >= cfg.max_new_tokens:
+                row.reason = "length"
+                break
+        safe = row.text
+        if row.reason is None:
+            safe = safe.rstrip("\ufffd")  # an incomplete UTF-8 character waits for its next byte
+            hold = max((k for s in cfg.stop for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
+            safe = safe[:len(safe) - hold]  # text that may start a stop string waits too
+        delta = safe[row.emitted:] if len(safe) > row.emitted else ""
+        row.emitted = max(row.emitted, len(safe))
+        if delta or new or row.reason:
+            return Chunk(row.index, delta, new, row.reason)
+        return None
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self, prompts: Sequence[str]) -> Iterator[Chunk]:
+        cfg = self.cfg
+        start = time.perf_counter()
+        states = [ModelState(m) for m in self.models]
+        last, n_prompt = self._prefill(states, list(prompts))
+        rows = [_Row(i, p, n, cfg.seed + i) for i, (p, n) in enumerate(zip(prompts, n_prompt))]
+        active = list(range(len(rows)))
+        chooser = DraftLength(g_max=cfg.max_draft) if cfg.speculative == "auto" else None
+        self.results: list[GenerationResult] = []
+        while active:
+            remaining = min(cfg.max_new_tokens - len(rows[i].ids) for i in active)
+            g = 0
+            if cfg.speculative is not None:
+                g = chooser.next() if chooser else int(cfg.speculative)
+                if cfg.greedy:  # sampling keeps g, so that each row's random stream is used alike in any batch
+                    g = max(0, min(g, remaining - 1))
+            U = None if cfg.greedy else torch.stack(
+                [torch.rand(2 * g + 1, generator=rows[i].gen, dtype=torch.float64) for i in active])  # (B, 2g + 1)
+            t0 = time.perf_counter()
+            timing: dict = {}
+            out = self._spec_cycle(states, last, g, U, timing) if g else self._plain_cycle(states, last, U)
+            if chooser and g:
+                other = time.perf_counter() - t0 - timing["verify"] - timing["draft"] * g
+                chooser.update(timing["accepted"], timing["trials"], timing["draft"], g + 1, timing["verify"],
+                               max(other, 0.0))
+            self.stats.cycles += 1
+            keep, new_last = [], []
+            for j, i in enumerate(active):
+                before = len(rows[i].ids)
+                chunk = self._commit(rows[i], out[j])
+                self.stats.new_tokens += len(rows[i].ids) - before
+                if chunk is not None:
+                    yield chunk
+                if rows[i].reason is None:
+                    keep.append(j)
+                    new_last.append(out[j][-1])
+            if len(keep) < len(active):
+                sel = torch.tensor(keep, dtype=torch.long)
+                if keep:
+                    for st in states:
+                        st.select(sel)
+                active = [active[j] for j in keep]
+            last = torch.tensor(new_last, dtype=torch.long)
+        self.stats.seconds = time.perf_counter() - start
+        if chooser:
+            self.stats.draft_lengths = chooser.history
+        elif cfg.speculative is not None:
+            self.stats.draft_lengths = [int(cfg.speculative)]
+        self.results = [GenerationResult(r.prompt, r.text, r.ids, r.reason, r.prompt_tokens) for r in rows]

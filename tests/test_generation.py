@@ -1,0 +1,216 @@
+"""Fused generation on tiny in-process models: exactness of speculative decoding, batching, stops, streaming."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import arfuse
+from arfuse.adapters import load_model
+from arfuse.errors import ArfuseError
+from arfuse.fusion import linear
+from arfuse.generation.api import generate
+from arfuse.generation.sampling import residual, sample, transform
+from arfuse.generation.speculative import accepted_counts
+
+PROMPTS = ["The quick brown", "In the beginning was", "A stitch", "Café naïve résumé and the lazy dog"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (several threads spin against each other on a busy CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    return load_model(tiny_models["large"]), load_model(tiny_models["small"])
+
+
+def chi2_pvalue(observed: torch.Tensor, expected_p: torch.Tensor, min_expected: float = 5.0) -> tuple[float, int]:
+    """Pearson's chi-square test of counts against probabilities; cells expecting < 5 are pooled."""
+    n = observed.sum().double()
+    exp = expected_p.double() * n
+    big = exp >= min_expected
+    obs_c = torch.cat([observed.double()[big], observed.double()[~big].sum().reshape(1)])
+    exp_c = torch.cat([exp[big], exp[~big].sum().reshape(1)])
+    keep = exp_c > 0
+    obs_c, exp_c = obs_c[keep], exp_c[keep]
+    stat = ((obs_c - exp_c) ** 2 / exp_c).sum()
+    dof = len(obs_c) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), stat / 2)), dof
+
+
+# ---- model-free ----------------------------------------------------------------------------
+def test_transform_top_k_top_p_temperature():
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    lp = p.log()
+    assert torch.allclose(transform(lp, top_k=2).exp(), torch.tensor([5 / 7, 2 / 7, 0, 0, 0]), atol=1e-6)
+    # nucleus 0.8: 0.5 + 0.2 < 0.8, so the third token is needed too
+    assert torch.allclose(transform(lp, top_p=0.8).exp(), torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85, atol=1e-6)
+    t = transform(lp, temperature=0.5).exp()
+    assert torch.allclose(t, p ** 2 / (p ** 2).sum(), atol=1e-6)
+    assert transform(lp) is lp and torch.equal(lp, p.log())  # inputs untouched
+
+
+def test_inverse_cdf_sample_and_residual():
+    lp = torch.tensor([[0.1, 0.6, 0.3]]).log().expand(5, 3)
+    u = torch.tensor([0.0, 0.0999, 0.1001, 0.69, 0.71], dtype=torch.float64)
+    assert sample(lp, u).tolist() == [0, 0, 1, 1, 2]
+    P = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    q = torch.tensor([[0.2, 0.5, 0.3]]).log()
+    assert torch.allclose(residual(P, q).exp(), torch.tensor([[1.0, 0.0, 0.0]]), atol=1e-6)
+
+
+def test_verification_follows_target_model_free():
+    """Draft from q, accept with min(1, P/q), else draw from (P - q)+: the output is P (chi-square, alpha 0.001)."""
+    g = torch.Generator().manual_seed(0)
+    P = torch.tensor([0.05, 0.4, 0.3, 0.05, 0.2]).log()
+    q = torch.tensor([0.3, 0.1, 0.3, 0.25, 0.05]).log()
+    N = 40000
+    x = sample(q.expand(N, 5), torch.rand(N, generator=g, dtype=torch.float64))
+    n = accepted_counts(x[:, None], q.expand(N, 1, 5), P.expand(N, 1, 5), torch.rand(N, 1, generator=g, dtype=torch.float64))
+    res = sample(residual(P[None], q[None]).expand(N, 5), torch.rand(N, generator=g, dtype=torch.float64))
+    out = torch.where(n == 1, x, res)
+    counts = torch.bincount(out, minlength=5)
+    pval, _ = chi2_pvalue(counts, P.exp())
+    assert pval > 1e-3
+    # acceptance rate is sum_v min(P, q)
+    assert abs(n.double().mean().item() - torch.minimum(P.exp(), q.exp()).sum().item()) < 0.01
+
+
+# ---- exactness on tiny models ---------------------------------------------------------------
+@pytest.mark.parametrize("w", [0.3, 0.8])
+def test_speculative_greedy_equals_fused_greedy(models, w):
+    L, S = models
+    plain = generate(PROMPTS, large=L, small=S, weight=w, max_new_tokens=24)
+    for g in (1, 3, "auto"):
+        spec = generate(PROMPTS, large=L, small=S, weight=w, max_new_tokens=24, speculative=g)
+        assert [r.token_ids for r in spec] == [r.token_ids for r in plain], g
+        if w == 0.3 and g == 3:
+            assert spec[0].stats.accepted > 0  # drafts were accepted, not only resampled
+    assert all(len(r.token_ids) == 24 or r.finish_reason == "eos" for r in plain)
+
+
+def test_fused_greedy_is_argmax_of_mixture(models):
+    """Each greedy token is the argmax of w p_L + (1 - w) p_S given the text so far (full recompute)."""
+    L, S = models
+    r = generate(PROMPTS[1], large=L, small=S, weight=0.6, max_new_tokens=10)
+    ids = L.encode(PROMPTS[1]).ids
+    for t in r.token_ids:
+        x = torch.tensor([ids])
+        P = linear([L.logprobs(x)[0, -1], S.logprobs(x)[0, -1]], [0.6, 0.4])
+        assert int(P.argmax()) == t
+        ids.append(t)
+
+
+def test_weight_one_matches_transformers_greedy(models):
+    """w = 1 is the LLM alone: the KV-cache loop equals transformers' own greedy generate."""
+    L, S = models
+    ids = torch.tensor([L.encode(PROMPTS[0]).ids])
+    ref = L.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    ours = generate(PROMPTS[0], large=L, small=S, weight=1.0, max_new_tokens=16, speculative=2)
+    assert ours.token_ids == ref
+
+
+def _exact_next(L, S, w, ids):
+    x = torch.tensor([ids])
+    return linear([L.logprobs(x)[0, -1], S.logprobs(x)[0, -1]], [w, 1 - w]).exp()
+
+
+def test_speculative_sampling_matches_fused_distribution(models):
+    """Over 4,000 seeded runs, the 1st token (draft accepted or resampled) and the 2nd token given the
+    most frequent 1st follow P = w p_L + (1 - w) p_S: chi-square p-value > 0.001 for each."""
+    L, S = models
+    w, N = 0.5, 4000
+    prompt = PROMPTS[0]
+    res = generate([prompt] * N, large=L, small=S, weight=w, max_new_tokens=3, temperature=1.0, speculative=2, seed=7)
+    assert res[0].stats.accepted > 0 and res[0].stats.accepted < res[0].stats.drafted
+    ids = L.encode(prompt).ids
+    eos = L.eos_id  # a sampled EOS ends the text: count it as the token it is
+    toks = [r.token_ids + ([eos] if r.finish_reason == "eos" else []) for r in res]
+    first = torch.tensor([t[0] for t in toks])
+    V = L.info.vocab_size
+    p1 = _exact_next(L, S, w, ids)
+    pval, dof = chi2_pvalue(torch.bincount(first, minlength=V), p1)
+    assert dof >= 3 and pval > 1e-3, (pval, dof)
+    mode = int(torch.bincount(first).argmax())
+    second = torch.tensor([t[1] for t in toks if t[0] == mode])
+    p2 = _exact_next(L, S, w, ids + [mode])
+    pval2, dof2 = chi2_pvalue(torch.bincount(second, minlength=V), p2)
+    assert dof2 >= 2 and pval2 > 1e-3, (pval2, dof2)
+
+
+def test_speculative_sampling_with_top_k_temperature(models):
+    """Temperature and top-k apply to the fused P; the tokens never leave its top-k set."""
+    L, S = models
+    res = generate([PROMPTS[2]] * 400, large=L, small=S, weight=0.5, max_new_tokens=2, temperature=0.7, top_k=3,
+                   speculative=1, seed=1)
+    ids = L.encode(PROMPTS[2]).ids
+    allowed = set(torch.topk(_exact_next(L, S, 0.5, ids), 3).indices.tolist())
+    assert {r.token_ids[0] for r in res} <= allowed
+
+
+@pytest.mark.parametrize("spec", [None, 2])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_batch_of_four_equals_one_at_a_time(models, spec, temperature):
+    L, S = models
+    batch = generate(PROMPTS, large=L, small=S, weight=0.5, max_new_tokens=12, temperature=temperature,
+                     speculative=spec, seed=11)
+    for i, p in enumerate(PROMPTS):
+        one = generate(p, large=L, small=S, weight=0.5, max_new_tokens=12, temperature=temperature,
+                       speculative=spec, seed=11 + i)
+        assert one.token_ids == batch[i].token_ids
+        assert one.text == batch[i].text
+
+
+# ---- text: stops, streaming ------------------------------------------------------------------
+def test_stop_string_and_streaming(models):
+    L, S = models
+    full = generate(PROMPTS[0], large=L, small=S, weight=0.5, max_new_tokens=30)
+    assert len(full.text) > 6
+    stop = full.text[4:6]
+    cut = full.text[:full.text.find(stop)]
+    for spec in (None, 3):
+        stream = generate(PROMPTS[0], large=L, small=S, weight=0.5, max_new_tokens=30, stop=[stop],
+                          speculative=spec, stream=True)
+        chunks = list(stream)
+        assert "".join(c.text for c in chunks) == cut == stream.results[0].text
+        assert chunks[-1].finish_reason == "stop" and stream.results[0].finish_reason == "stop"
+    streamed = list(generate(PROMPTS[:2], large=L, small=S, weight=0.5, max_new_tokens=8, stream=True))
+    for i in range(2):
+        assert sum(len(c.token_ids) for c in streamed if c.index == i) == 8
+
+
+def test_top_level_generate_is_exported(models):
+    L, S = models
+    import arfuse.generation
+
+    assert arfuse.generate is arfuse.generation.generate
+    assert arfuse.generate("A", large=L, small=S, weight=0.5, max_new_tokens=3).token_ids == \
+        generate("A", large=L, small=S, weight=0.5, max_new_tokens=3).token_ids
+
+
+# ---- bad input --------------------------------------------------------------------------------
+def test_bad_input(models, tiny_models):
+    L, S = models
+    with pytest.raises(ArfuseError, match=r"weight 1.5 is outside \[0, 1\]"):
+        generate("a", large=L, small=S, weight=1.5)
+    with pytest.raises(ArfuseError, match=r"speculative g = 0 must be an integer >= 1"):
+        generate("a", large=L, small=S, weight=0.5, speculative=0)
+    with pytest.raises(ArfuseError, match="top-k-union rule"):
+        generate("a", large=L, small=load_model(tiny_models["othervocab"]), weight=0.5)
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 40  # > 256 positions
+    with pytest.raises(ArfuseError, match="exceeds .* context of 256 tokens.*truncate='left'"):
+        generate(long_prompt, large=L, small=S, weight=0.5, max_new_tokens=8)
+    r = generate(long_prompt, large=L, small=S, weight=0.5, max_new_tokens=8, truncate="left")
+    assert r.prompt_tokens == 256 - 8 and len(r.token_ids) == 8
+    with pytest.raises(ArfuseError, match="temperature -1"):
+        generate("a", large=L, small=S, weight=0.5, temperature=-1)
+    with pytest.raises(ArfuseError, match="give the LLM's weight"):
+        generate("a", large=L, small=S)
