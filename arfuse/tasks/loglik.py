@@ -1,0 +1,81 @@
+"""Log-likelihood of continuations given contexts, through the cached scorer.
+
+Each request (context, continuation) becomes one document ``context + continuation``; the
+scorer scores it once (cached like any data set) and the records of the continuation's
+tokens are kept. The split follows lm-evaluation-harness: trailing spaces of the context
+move to the continuation, the whole text is tokenized, and the continuation is every token
+after the context's own token count.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from arfuse.adapters.base import CausalLM
+from arfuse.errors import ArfuseError
+from arfuse.scoring.records import FIELDS, TokenRecords
+from arfuse.scoring.scorer import ScoreConfig, score
+from arfuse.tasks.data import Dataset
+
+
+@dataclass
+class Continuations:
+    """Records of the continuation tokens of every request, concatenated in request order."""
+
+    records: TokenRecords
+    request: np.ndarray      # (T,) request index of each token
+    n_requests: int
+
+    def loglik(self) -> np.ndarray:
+        """Summed log p of each request's continuation (float64)."""
+        return np.bincount(self.request, weights=self.records.logp.astype(np.float64), minlength=self.n_requests)
+
+    def n_tokens(self) -> np.ndarray:
+        return np.bincount(self.request, minlength=self.n_requests)
+
+
+def split_pair(context: str, continuation: str) -> tuple[str, str]:
+    """Move the context's trailing spaces to the continuation (lm-evaluation-harness's rule)."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        return context[:-n], context[-n:] + continuation
+    return context, continuation
+
+
+def score_continuations(model: CausalLM, pairs: list[tuple[str, str]], cfg: ScoreConfig, *, name: str,
+                        batch_size: int = 8, use_cache: bool = True, progress: bool = True) -> Continuations:
+    """Records of each continuation's tokens given its context (full context up to the window)."""
+    if not pairs:
+        raise ArfuseError(f"{name}: no requests to score")
+    docs, n_ctx = [], []
+    for i, (c, x) in enumerate(pairs):
+        c, x = split_pair(c, x)
+        if not x:
+            raise ArfuseError(f"{name}: request {i} has an empty continuation")
+        docs.append(c + x)
+        n_ctx.append(len(model.encode(c).ids) if c else 0)
+    bos = model.uses_bos(cfg.bos)
+    longest = max(len(model.encode(d).ids) for d in docs) + int(bos)
+    window = cfg.window
+    if model.info.max_length is not None:
+        window = min(window, model.info.max_length)
+    if window < longest:  # every continuation sees its whole context when the model allows it
+        window = min(longest, model.info.max_length or longest)
+    cfg = replace(cfg, window=window, stride=min(cfg.stride or window, window))
+    h = hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:12]
+    ds = Dataset(f"{name}#{h}", docs, source=name)
+    rec = score(model, ds, cfg, batch_size=batch_size, use_cache=use_cache, progress=progress)
+    start = np.asarray(n_ctx, np.int64) + int(bos)
+    keep = rec.pos >= start[rec.doc]
+    if not keep.any():
+        raise ArfuseError(f"{name}: no continuation token was scored")
+    sub = TokenRecords(*(getattr(rec, f)[keep] for f in FIELDS), meta=rec.meta)
+    req = sub.doc.astype(np.int64)
+    counts = np.bincount(req, minlength=len(pairs))
+    if (counts == 0).any():
+        bad = int(np.flatnonzero(counts == 0)[0])
+        raise ArfuseError(f"{name}: request {bad}'s continuation {pairs[bad][1]!r} merges into its context's last "
+                          f"token under {model.info.name}'s tokenizer: it has no token of its own to score")
+    return Continuations(sub, req, len(pairs))
