@@ -81,7 +81,7 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
              weights: Sequence[float] | None = None, rule: str = "linear", power: float | None = None,
              embeddings: str = "large", max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, stop: str | Sequence[str] | None = None, seed: int = 0,
-             speculative: int | str | None = None, truncate: str = "error", bos: str = "auto",
+             speculative: int | str | None = None, truncate: str = "error", bos: str = "auto", stop_at_eos: bool = True,
              stream: bool = False, device: str = "cpu", dtype: str = "float32"):
     """Generate from P = w p_LLM + (1 - w) p_SLM (or the cosine rule).
 
@@ -93,7 +93,8 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
     """
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            stop=list([stop] if isinstance(stop, str) else (stop or [])), seed=seed,
-                           speculative=speculative, truncate=truncate, bos=bos)
+                           speculative=speculative, truncate=truncate, bos=bos,
+                           stop_at_eos=stop_at_eos)
     smalls = [] if small is None else ([small] if isinstance(small, (str, CausalLM)) else list(small))
     models = [_load(large, device, dtype)] + [_load(s, device, dtype) for s in smalls]
     fuse = build_rule(models, rule=rule, weight=weight, weights=weights, power=power, embeddings=embeddings)

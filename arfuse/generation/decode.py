@@ -254,6 +254,10 @@ class Decoder:
             return Chunk(row.index, delta, new, row.reason)
         return None
 
+    def row_text(self, index: int) -> str:
+        """The text generated so far for prompt ``index`` (final once its last chunk came)."""
+        return self._rows[index].text
+
     # ---- the loop ------------------------------------------------------------------------
     def run(self, prompts: Sequence[str]) -> Iterator[Chunk]:
         cfg = self.cfg
@@ -261,6 +265,7 @@ class Decoder:
         states = [ModelState(m) for m in self.models]
         last, n_prompt = self._prefill(states, list(prompts))
         rows = [_Row(i, p, n, cfg.seed + i) for i, (p, n) in enumerate(zip(prompts, n_prompt))]
+        self._rows = rows
         active = list(range(len(rows)))
         chooser = DraftLength(g_max=cfg.max_draft) if cfg.speculative == "auto" else None
         self.results: list[GenerationResult] = []

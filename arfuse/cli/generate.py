@@ -1,0 +1,94 @@
+"""`arfuse generate --large A --small B --weight w "prompt"`: text from the fused model, printed as it comes."""
+from __future__ import annotations
+
+import json
+import sys
+
+from arfuse.errors import ArfuseError
+
+
+def _g(value: str):
+    if value == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise ArfuseError(f"--speculative {value!r}: give an integer g >= 1 or 'auto'") from None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a large model fused with small ones",
+                       description="Greedy or sampled text from P = w p_LLM + (1 - w) p_SLM (or the cosine rule), "
+                                   "optionally speculative: the small model drafts, the large one verifies, and the "
+                                   "output still follows P exactly.")
+    p.add_argument("prompt", nargs="+", help="one or more prompts ('-' reads one from standard input)")
+    p.add_argument("--large", required=True, help="the large model (LLM): name, .gguf, llama2.c .bin, folder or hub id")
+    p.add_argument("--small", action="append", default=[], help="a small model (SLM); repeat for several")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--weight", type=float, help="the LLM's weight w in [0, 1] (two models)")
+    g.add_argument("--weights", help="comma-separated weights, the LLM first, summing to 1 (K models)")
+    p.add_argument("--rule", default="linear", help="linear (the AR mixture, default) or cosine (the paper's B.3 variant)")
+    p.add_argument("--power", type=float, help="the cosine rule's power p >= 0")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); > 0 samples from the fused P")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling on the fused P (default: 1, off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely fused tokens (default: 0, off)")
+    p.add_argument("--stop", action="append", default=[], help="stop before this string; repeat for several")
+    p.add_argument("--seed", type=int, default=0, help="random seed; prompt i samples with seed + i (default: 0)")
+    p.add_argument("--speculative", type=_g, metavar="G",
+                   help="draft G tokens with the first small model per large-model pass, or 'auto' to choose G "
+                        "from the measured acceptance rate; exact for the fused distribution")
+    p.add_argument("--truncate", choices=["error", "left"], default="error",
+                   help="a prompt too long for a model's context: refuse (default) or drop its oldest tokens")
+    p.add_argument("--bos", choices=["auto", "always", "never"], default="auto", help="prepend BOS (default: auto)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--stats", action="store_true", help="print speed and acceptance rate to standard error")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of streaming text")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from arfuse.generation.api import generate
+
+    prompts = [sys.stdin.read() if x == "-" else x for x in args.prompt]
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(x) for x in args.weights.split(",")]
+        except ValueError:
+            raise ArfuseError(f"--weights {args.weights!r}: give comma-separated numbers, e.g. 0.9,0.05,0.05") from None
+    if args.weight is not None and len(args.small) != 1:
+        raise ArfuseError(f"--weight is for two models but {1 + len(args.small)} were given: use --weights w1,w2,...")
+    stream = generate(prompts, large=args.large, small=args.small or None, weight=args.weight, weights=weights,
+                      rule=args.rule, power=args.power, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop,
+                      seed=args.seed, speculative=args.speculative, truncate=args.truncate, bos=args.bos,
+                      stream=True, device=args.device, dtype=args.dtype)
+    out = sys.stdout
+    if args.json:
+        for _ in stream:
+            pass
+        out.write(json.dumps([{"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids,
+                               "finish_reason": r.finish_reason} for r in stream.results], indent=2) + "\n")
+    elif len(prompts) == 1:
+        out.write(prompts[0])
+        out.flush()
+        for chunk in stream:
+            out.write(chunk.text)
+            out.flush()
+        out.write("\n")
+    else:  # several prompts run as one batch: each is printed when it is done
+        for chunk in stream:
+            if chunk.finish_reason is not None:
+                text = stream.decoder.row_text(chunk.index)
+                out.write(f"--- [{chunk.index}] {prompts[chunk.index]!r}\n{prompts[chunk.index]}{text}\n")
+                out.flush()
+    if args.stats:
+        s = stream.stats
+        acc = "" if s.acceptance_rate is None else (
+            f"; acceptance {s.acceptance_rate:.3f} over {s.drafted} drafts, draft lengths "
+            f"{min(s.draft_lengths)}-{max(s.draft_lengths)}")
+        print(f"{s.new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_second:.2f} tokens/s), {s.large_passes} "
+              f"large-model passes, {s.rule}, {s.mode}{acc}", file=sys.stderr)
+    return 0

@@ -1,0 +1,341 @@
+"""Generation speed of the fused model against the large model alone and transformers' assisted generation.
+
+One run, the same models, the same prompts, 128 new tokens each (EOS suppressed everywhere, so every
+method produces exactly as many tokens), greedy:
+  - llm-alone:      the LLM alone with transformers `generate` (KV cache)
+  - fused:          arfuse, P = w p_LLM + (1 - w) p_SLM, one KV cache per model
+  - fused-spec:     arfuse speculative decoding (g chosen from the measured acceptance, unless --g)
+  - hf-assisted:    transformers assisted generation with the SLM as assistant and
+                    `assistant_ensemble_weight = w` (the verifier's target is w p + (1 - w) q; the bonus
+                    token comes from p alone, so it is not exactly the fused model)
+at batch 1 (prompts one at a time), then at batch 8 (assisted generation is batch 1 only), then the
+acceptance rate and speed against g, greedy and sampling (temperature 1).
+
+The SLM. Until the trainer gives an SLM on SmolLM2's tokenizer, this benchmark builds one: SmolLM2
+truncated to its first --layers layers, its output head factorised to rank --rank (SVD of the tied
+embedding), distilled on the LLM's own next-token distributions over WikiText-2 (test, raw) for
+--distill-steps steps. It is cached, so later runs start at once. `--slm PATH` uses any other model.
+
+Usage: python benchmarks/bench_generate.py [--threads 1] [--json benchmarks/results/generate.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROMPTS = [
+    "The history of the printing press begins",
+    "Photosynthesis is the process by which",
+    "In 1969, the first humans to walk on the Moon",
+    "A good recipe for bread needs only four ingredients:",
+    "The main causes of the French Revolution were",
+    "Python is a programming language that",
+    "The ocean covers most of the Earth's surface, and",
+    "To train a neural network, you first",
+]
+
+
+# ---- the SLM partner ------------------------------------------------------------------------
+class LowRankHead(torch.nn.Module):
+    """hidden (D) -> rank r -> vocabulary (V): the output layer at a fraction of its cost."""
+
+    def __init__(self, d: int, r: int, v: int):
+        super().__init__()
+        self.down = torch.nn.Linear(d, r, bias=False)
+        self.up = torch.nn.Linear(r, v, bias=False)
+
+    def forward(self, h):
+        return self.up(self.down(h))
+
+
+def truncated_smollm2(llm_hf, layers: int, rank: int):
+    """SmolLM2's embeddings, first ``layers`` blocks and final norm, with a rank-``rank`` SVD head."""
+    from transformers import LlamaForCausalLM
+
+    cfg = copy.deepcopy(llm_hf.config)
+    cfg.num_hidden_layers = layers
+    cfg.tie_word_embeddings = False
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:layers]
+    student = LlamaForCausalLM(cfg)
+    sd = {k: v for k, v in llm_hf.state_dict().items()
+          if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
+    sd.pop("lm_head.weight", None)
+    student.load_state_dict(sd, strict=False)
+    E = llm_hf.get_output_embeddings().weight.detach().float()  # (V, D)
+    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+    head = LowRankHead(E.shape[1], rank, E.shape[0])
+    with torch.no_grad():
+        head.down.weight.copy_(Vh[:rank])                 # (r, D)
+        head.up.weight.copy_(U[:, :rank] * S[:rank])      # (V, r)
+    student.lm_head = head
+    return student.eval()
+
+
+def distill(student, teacher, text_ids: torch.Tensor, steps: int, seq: int = 128, batch: int = 4, lr: float = 2e-3,
+            log=print) -> list[float]:
+    """Train the student's blocks, norm and head on KL(p_teacher || q_student), embeddings frozen."""
+    student.model.embed_tokens.weight.requires_grad_(False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    student.train()
+    t0 = time.time()
+    for step in range(steps):
+        starts = torch.randint(0, len(text_ids) - seq - 1, (batch,), generator=g)
+        x = torch.stack([text_ids[s:s + seq] for s in starts.tolist()])  # (B, T)
+        with torch.no_grad():
+            lp_t = torch.log_softmax(teacher(input_ids=x).logits.float(), -1)  # (B, T, V)
+        lp_s = torch.log_softmax(student(input_ids=x).logits.float(), -1)
+        loss = (lp_t.exp() * (lp_t - lp_s)).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 0 or step == steps - 1:
+            log(f"  distill step {step + 1}/{steps}: KL {loss.item():.3f} nats/token ({time.time() - t0:.0f} s)")
+    student.eval()
+    return losses
+
+
+def wrap_as_adapter(hf_model, like, name: str, n_params: int):
+    """An arfuse HFCausalLM around an in-process transformers model, sharing ``like``'s tokenizer."""
+    from arfuse.adapters.base import ModelInfo
+    from arfuse.adapters.hf import HFCausalLM
+
+    m = HFCausalLM.__new__(HFCausalLM)
+    m.model, m.tokenizer = hf_model, like.tokenizer
+    m.device, m.dtype = like.device, like.dtype
+    m.bos_id, m.eos_id, m.default_add_bos = like.bos_id, like.eos_id, like.default_add_bos
+    m.info = ModelInfo(name=name, kind="hf", num_parameters=n_params, vocab_size=like.info.vocab_size,
+                       max_length=like.info.max_length, identity={"built": name})
+    m._tok_fp = like.tokenizer_fingerprint()
+    return m
+
+
+def build_partner(llm, layers: int, rank: int, steps: int, log=print):
+    from arfuse.paths import cache_root, shared_data_root
+
+    key = f"smollm2-trunc{layers}-rank{rank}-distill{steps}-{llm.info.identity.get('gguf_sha256', 'x')[:12]}"
+    path = cache_root() / "bench" / f"{key}.pt"
+    student = truncated_smollm2(llm.model, layers, rank)
+    info = {"layers": layers, "rank": rank, "distill_steps": steps}
+    if path.exists():
+        saved = torch.load(path, weights_only=False)
+        student.load_state_dict(saved["state_dict"])
+        info.update(saved["info"], cached=True)
+        log(f"partner SLM loaded from {path}")
+    else:
+        root = shared_data_root()
+        text = (root / "text/wikitext-2/wiki.test.raw").read_text(encoding="utf-8")
+        ids = torch.tensor(llm.encode(text[:400_000]).ids)
+        log(f"distilling the partner SLM on {len(ids):,} WikiText-2 test tokens ({steps} steps of 4 x 128 tokens)")
+        t0 = time.time()
+        losses = distill(student, llm.model, ids, steps, log=log)
+        info.update(distill_seconds=round(time.time() - t0, 1), kl_first=losses[0], kl_last10=float(np.mean(losses[-10:])),
+                    corpus="WikiText-2 test (raw), first 400,000 characters", cached=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"state_dict": student.state_dict(), "info": info}, tmp)
+        tmp.replace(path)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    n = sum(p.numel() for p in student.parameters())
+    name = f"SmolLM2-first{layers}layers-rank{rank}head-distilled{steps}"
+    info["num_parameters"] = n
+    return wrap_as_adapter(student, llm, name, n), info
+
+
+# ---- timing -----------------------------------------------------------------------------------
+def nll_optimal_weight(llm, slm, n_chars: int = 6000) -> tuple[float, int]:
+    """The exact NLL-optimal w on WikiText-2 valid-like text the partner never saw (PTB valid)."""
+    from arfuse.paths import shared_data_root
+    from arfuse.search import optimal_weight
+
+    text = (shared_data_root() / "text/ptb/ptb.valid.txt").read_text(encoding="utf-8")[:n_chars]
+    ids = torch.tensor([llm.encode(text).ids])
+    with torch.no_grad():
+        lp = [torch.log_softmax(m.model(input_ids=ids).logits.float(), -1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+              for m in (llm, slm)]
+    return optimal_weight(lp[0].double().numpy(), lp[1].double().numpy()).w, ids.shape[1] - 1
+
+
+def hf_generate(model, tok, prompts, n_new, **kw) -> tuple[int, float]:
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=tok.pad_token_id or 0, **kw)
+    dt = time.perf_counter() - t0
+    return (out.shape[1] - enc.input_ids.shape[1]) * len(prompts), dt
+
+
+def ours(llm, slm, prompts, n_new, w, **kw) -> tuple[int, float, object]:
+    from arfuse.generation.api import generate
+
+    t0 = time.perf_counter()
+    res = generate(prompts, large=llm, small=slm, weight=w, max_new_tokens=n_new, stop_at_eos=False, **kw)
+    dt = time.perf_counter() - t0
+    return sum(len(r.token_ids) for r in res), dt, res[0].stats
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--large", default="smollm2-135m")
+    ap.add_argument("--slm", help="a small model on the LLM's tokenizer (default: build the distilled partner)")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--distill-steps", type=int, default=150)
+    ap.add_argument("--weight", type=float, help="the LLM's weight w (default: NLL-optimal on PTB valid, 6,000 chars)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompts-b1", type=int, default=3, help="prompts timed one at a time")
+    ap.add_argument("--g", default="auto", help="draft length of fused-spec: an integer or auto")
+    ap.add_argument("--g-sweep", default="1,2,3,4,6", help="draft lengths for the acceptance table")
+    ap.add_argument("--sweep-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--skip-batch8", action="store_true")
+    ap.add_argument("--json", help="write every number here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from arfuse.adapters import load_model
+
+    import transformers
+
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    report: dict = {"threads": torch.get_num_threads(), "transformers": transformers.__version__,
+                    "torch": torch.__version__, "new_tokens": args.new_tokens, "decoding": "greedy"}
+    t0 = time.time()
+    llm = load_model(args.large)
+    log(f"LLM {llm.info.name}: {llm.info.num_parameters / 1e6:.1f}M parameters ({time.time() - t0:.1f} s to load)")
+    if args.slm:
+        slm = load_model(args.slm)
+        report["slm"] = {"spec": args.slm, "num_parameters": slm.info.num_parameters}
+    else:
+        slm, info = build_partner(llm, args.layers, args.rank, args.distill_steps, log=log)
+        report["slm"] = {"name": slm.info.name, **info,
+                         "note": "built by this benchmark: no trained SLM on SmolLM2's tokenizer was used"}
+    log(f"SLM {slm.info.name}: {slm.info.num_parameters / 1e6:.1f}M parameters")
+    if args.weight is None:
+        w, n_tok = nll_optimal_weight(llm, slm)
+        report["weight_source"] = f"NLL-optimal on PTB valid (first 6,000 characters, {n_tok} tokens)"
+        if not 0.0 < w < 1.0:
+            report["weight_source"] += f" was {w:.4f}, outside (0, 1): 0.9 used instead"
+            w = 0.9
+    else:
+        w = args.weight
+        report["weight_source"] = "given (--weight)"
+    report["weight"] = w
+    log(f"w = {w:.4f} ({report['weight_source']}); k = w / (1 - w) = {w / (1 - w):.3f}")
+    g = args.g if args.g == "auto" else int(args.g)
+    tok = llm.tokenizer
+    n = args.new_tokens
+    hf_llm, hf_slm = llm.model, slm.model
+
+    # warm-up: first calls allocate and build kernels
+    hf_generate(hf_llm, tok, PROMPTS[:1], 4)
+    ours(llm, slm, PROMPTS[:1], 4, w)
+
+    # ---- batch 1: methods interleaved prompt by prompt, so load changes hit them alike ----------
+    methods = {
+        "llm-alone (transformers generate)": lambda p: hf_generate(hf_llm, tok, [p], n, do_sample=False)[:2],
+        "fused (arfuse, non-speculative)": lambda p: ours(llm, slm, [p], n, w)[:2],
+        f"fused-spec (arfuse, g={g})": lambda p: ours(llm, slm, [p], n, w, speculative=g),
+        f"hf-assisted (assistant_ensemble_weight={w:.4f})": lambda p: hf_generate(
+            hf_llm, tok, [p], n, do_sample=False, assistant_model=hf_slm, assistant_ensemble_weight=w)[:2],
+    }
+    tot = {k: [0, 0.0] for k in methods}
+    per_prompt = {k: [] for k in methods}
+    spec_stats = []
+    for i, p in enumerate(PROMPTS[:args.prompts_b1]):
+        for k, fn in methods.items():
+            out = fn(p)
+            tot[k][0] += out[0]
+            tot[k][1] += out[1]
+            per_prompt[k].append(out[0] / out[1])
+            if len(out) == 3:
+                spec_stats.append(out[2])
+            log(f"  batch 1, prompt {i + 1}: {k}: {out[0] / out[1]:.2f} tokens/s")
+    base = tot["llm-alone (transformers generate)"]
+    hfa = [v for k, v in tot.items() if k.startswith("hf-assisted")][0]
+    b1 = {}
+    for k, (ntok, sec) in tot.items():
+        b1[k] = {"tokens": ntok, "seconds": round(sec, 2), "tokens_per_s": ntok / sec,
+                 "x_llm_alone": (ntok / sec) / (base[0] / base[1]), "x_hf_assisted": (ntok / sec) / (hfa[0] / hfa[1]),
+                 "per_prompt_tokens_per_s": [round(x, 3) for x in per_prompt[k]]}
+    acc = sum(s.accepted for s in spec_stats) / max(1, sum(s.drafted for s in spec_stats))
+    b1[f"fused-spec (arfuse, g={g})"].update(
+        acceptance_rate=acc, draft_lengths_median=statistics.median([x for s in spec_stats for x in s.draft_lengths]))
+    report["batch1"] = b1
+
+    # ---- batch 8 ------------------------------------------------------------------------------------
+    if not args.skip_batch8:
+        b8 = {}
+        for k, fn in {
+            "llm-alone (transformers generate)": lambda: hf_generate(hf_llm, tok, PROMPTS, n, do_sample=False)[:2],
+            "fused (arfuse, non-speculative)": lambda: ours(llm, slm, PROMPTS, n, w)[:2],
+            f"fused-spec (arfuse, g={g})": lambda: ours(llm, slm, PROMPTS, n, w, speculative=g),
+        }.items():
+            out = fn()
+            b8[k] = {"tokens": out[0], "seconds": round(out[1], 2), "tokens_per_s": out[0] / out[1]}
+            if len(out) == 3:
+                b8[k]["acceptance_rate"] = out[2].acceptance_rate
+            log(f"  batch 8: {k}: {out[0] / out[1]:.2f} tokens/s")
+        base8 = b8["llm-alone (transformers generate)"]["tokens_per_s"]
+        for v in b8.values():
+            v["x_llm_alone"] = v["tokens_per_s"] / base8
+        report["batch8"] = b8
+
+    # ---- acceptance against g ------------------------------------------------------------------------
+    sweep = []
+    for mode, kw in (("greedy", {}), ("sampling T=1", {"temperature": 1.0, "seed": 0})):
+        for gg in [int(x) for x in args.g_sweep.split(",")]:
+            ntok, sec, st = ours(llm, slm, PROMPTS[:1], args.sweep_tokens, w, speculative=gg, **kw)
+            sweep.append({"mode": mode, "g": gg, "acceptance_rate": st.acceptance_rate,
+                          "tokens_per_llm_pass": ntok / st.large_passes, "tokens_per_s": ntok / sec})
+            log(f"  {mode}, g={gg}: acceptance {st.acceptance_rate:.3f}, {ntok / st.large_passes:.2f} tokens per "
+                f"LLM pass, {ntok / sec:.2f} tokens/s")
+    report["acceptance_vs_g"] = {"prompt": PROMPTS[0], "new_tokens": args.sweep_tokens, "rows": sweep}
+
+    print_report(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        print(f"written: {args.json}")
+    return 0
+
+
+def print_report(r: dict) -> None:
+    print(f"\nLLM smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, dequantised to float32) + SLM {r['slm'].get('name', r['slm'].get('spec'))}; "
+          f"w = {r['weight']:.4f} ({r['weight_source']}); {r['new_tokens']} new tokens per prompt, greedy, EOS suppressed; "
+          f"torch {r['torch']}, transformers {r['transformers']}, {r['threads']} thread(s)")
+    for key, title in (("batch1", "batch 1 (prompts one at a time, methods interleaved)"), ("batch8", "batch 8 (left padding)")):
+        if key not in r:
+            continue
+        print(f"\n{title}")
+        print(f"{'method':58s} {'tokens/s':>9s} {'x LLM alone':>12s} {'x hf-assisted':>14s}")
+        for k, v in r[key].items():
+            xa = f"{v['x_hf_assisted']:.3f}" if "x_hf_assisted" in v else "-"
+            extra = f"  acceptance {v['acceptance_rate']:.3f}" if v.get("acceptance_rate") is not None else ""
+            print(f"{k:58s} {v['tokens_per_s']:9.2f} {v['x_llm_alone']:12.3f} {xa:>14s}{extra}")
+    print(f"\nacceptance against g (prompt {r['acceptance_vs_g']['prompt']!r}, {r['acceptance_vs_g']['new_tokens']} tokens)")
+    print(f"{'mode':14s} {'g':>3s} {'acceptance':>11s} {'tokens/LLM pass':>16s} {'tokens/s':>9s}")
+    for row in r["acceptance_vs_g"]["rows"]:
+        print(f"{row['mode']:14s} {row['g']:3d} {row['acceptance_rate']:11.3f} {row['tokens_per_llm_pass']:16.2f} {row['tokens_per_s']:9.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
