@@ -147,3 +147,24 @@ def test_cli_generate_bad_input(tiny_models, capsys):
     assert cli_main(["generate", "--large", tiny_models["large"], "--small", tiny_models["othervocab"],
                      "--weight", "0.5", "x"]) == 2
     assert "--rule union" in capsys.readouterr().err
+
+
+def test_optimal_power_is_the_minimum_of_the_nll():
+    from arfuse.fusion.cosine import optimal_power
+
+    g = torch.Generator().manual_seed(3)
+    V, D, N = 11, 5, 400
+    emb = torch.randn(V, D, generator=g)
+    unit = unit_rows(emb)
+    ll = torch.log_softmax(torch.randn(N, V, generator=g) * 1.5, -1)
+    a = torch.randint(0, V, (N,), generator=g)
+    # targets drawn from a cosine-fused distribution at p = 2, so the optimum is near 2 and interior
+    slm = torch.log_softmax(torch.eye(V)[a] * 5, -1)  # any SLM whose argmax is a
+    true = cosine(ll, slm, unit, 2.0)
+    targets = torch.multinomial(true.exp(), 1, generator=g)[:, 0]
+    p, nll = optimal_power(ll, a, targets, unit, chunk=64)
+    grid = torch.linspace(0, 6, 601)
+    nlls = -cosine_target_logprobs(ll, a, targets, unit, grid.tolist()).double().mean(0)
+    assert abs(p - grid[nlls.argmin()].item()) <= 0.011
+    assert nll <= nlls.min().item() + 1e-6
+    assert 1.0 < p < 3.5

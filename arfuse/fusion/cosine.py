@@ -71,3 +71,60 @@ def cosine_target_logprobs(logp_llm: torch.Tensor, slm_argmax: torch.Tensor, tar
     t = targets.long().unsqueeze(-1)
     lt = ll.gather(-1, t) + ps[None, :] * logs.gather(-1, t)  # (N, P)
     return (lt - z).float()
+
+
+def _nll_grad_hess(ll: torch.Tensor, logs: torch.Tensor, lt_ll: torch.Tensor, lt_s: torch.Tensor, p: float):
+    """Mean NLL of the targets at power p and its first two derivatives in p (float64 inputs).
+
+    -log P_p(t) = -log p_L(t) - p log s(t) + log Z(p); d/dp log Z = E_P[log s] and
+    d2/dp2 log Z = Var_P[log s] >= 0, so the NLL is convex in p and has one minimum.
+    """
+    logits = ll + p * logs  # (n, V)
+    lz = torch.logsumexp(logits, -1)
+    P = torch.exp(logits - lz[:, None])
+    ls0 = torch.where(torch.isfinite(logs), logs, torch.zeros_like(logs))  # 0 * -inf would be NaN
+    m1 = (P * ls0).sum(-1)
+    m2 = (P * ls0 * ls0).sum(-1) - m1 * m1
+    return (-(lt_ll + p * lt_s - lz)).sum().item(), (-(lt_s - m1)).sum().item(), m2.sum().item()
+
+
+def optimal_power(logp_llm: torch.Tensor, slm_argmax: torch.Tensor, targets: torch.Tensor, unit_emb: torch.Tensor,
+                  *, p_max: float = 100.0, tol: float = 1e-9, max_iter: int = 100, chunk: int = 256) -> tuple[float, float]:
+    """The exact NLL-optimal power p in [0, p_max] of the cosine rule, and the mean NLL there.
+
+    Newton steps on the convex mean NLL, kept inside a bracket that bisection shrinks. Inputs:
+    the LLM's full log-probs (N, V), the SLM's argmax and the targets (N,); positions are
+    processed ``chunk`` at a time, so memory is the (N, V) input plus O(chunk * V).
+    """
+    N = logp_llm.shape[0]
+    targets = targets.long()
+
+    def total(p: float) -> tuple[float, float, float]:
+        f = g = h = 0.0
+        for i in range(0, N, chunk):
+            ll = logp_llm[i:i + chunk].double()
+            logs = log_similarity(unit_emb, slm_argmax[i:i + chunk]).double()
+            t = targets[i:i + chunk, None]
+            a, b, c = _nll_grad_hess(ll, logs, ll.gather(-1, t)[:, 0], logs.gather(-1, t)[:, 0], p)
+            f, g, h = f + a, g + b, h + c
+        return f / N, g / N, h / N
+
+    f0, g0, _ = total(0.0)
+    if g0 >= 0:  # the NLL rises from p = 0: the SLM cannot help under this rule
+        return 0.0, f0
+    lo, hi, p = 0.0, p_max, 1.0
+    _, ghi, _ = total(hi)
+    if ghi <= 0:
+        return hi, total(hi)[0]
+    for _ in range(max_iter):
+        f, g, h = total(p)
+        if g > 0:
+            hi = p
+        else:
+            lo = p
+        step = p - g / h if h > 0 else (lo + hi) / 2
+        p_new = step if lo < step < hi else (lo + hi) / 2
+        if abs(p_new - p) < tol * max(1.0, p):
+            return p_new, total(p_new)[0]
+        p = p_new
+    return p, total(p)[0]
