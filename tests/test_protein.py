@@ -193,3 +193,18 @@ def test_protein_model_names(esm):
     with pytest.raises(ArfuseError, match="does not exist"):
         load_protein_model("./no/such/esm")
     assert masked_ppl(np.array([-80.0])) == math.inf  # the paper's cap: mean CE above 70 -> inf
+
+
+def test_weight_chosen_on_validation_sequences(esm, uniref, tmp_path):
+    from arfuse.search import optimal_weight
+
+    recs = read_fasta(uniref)
+    for name, part in [("valid", recs[:7]), ("test", recs[7:])]:
+        (tmp_path / f"{name}.fasta").write_text("".join(f">{r.id}\n{r.sequence}\n" for r in part))
+    rep = evaluate_masked_lm(esm["large"], esm["small"], str(tmp_path / "test.fasta"),
+                             valid=str(tmp_path / "valid.fasta"), progress=False)
+    vds = load_protein_dataset(str(tmp_path / "valid.fasta"))
+    lv = [score_masked(load_protein_model(esm[k]), vds, progress=False).logp for k in ("large", "small")]
+    assert rep.weights[0] == pytest.approx(optimal_weight(*lv).w, abs=1e-9)
+    assert rep.weight_source.startswith("NLL-optimal on the validation data") and rep.valid["sequences"] == 7
+    assert rep.data["sequences"] == 8

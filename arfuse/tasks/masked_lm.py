@@ -245,6 +245,29 @@ class MaskedLMReport:
         return "\n".join(lines)
 
 
+def score_family(specs: list[str], data: str, *, mask: MaskConfig = MaskConfig(), device: str = "cpu",
+                 batch_size: int = 8, use_cache: bool = True, progress: bool = True):
+    """Load each ESM model and score ``data`` with it (cached): (models, dataset, records),
+    the records aligned masked position by masked position."""
+    from arfuse.adapters.protein import load_protein_model
+    from arfuse.scoring.masked import score_masked
+
+    models = [load_protein_model(s, device=device) for s in specs]
+    for m in models[1:]:
+        if m.vocab != models[0].vocab:
+            raise ArfuseError(f"{m.info.name} and {models[0].info.name} have different vocabularies: per-position "
+                              "fusion needs the same residue alphabet in the same order")
+    names = [m.info.name for m in models]
+    if len(set(names)) != len(names):
+        raise ArfuseError(f"the same model is given twice ({', '.join(names)}): fuse different models")
+    ds = load_protein_dataset(data)
+    recs = [score_masked(m, ds, mask, batch_size=batch_size, use_cache=use_cache, progress=progress) for m in models]
+    for r, n in zip(recs[1:], names[1:]):
+        if not np.array_equal(r.target, recs[0].target) or not np.array_equal(r.pos, recs[0].pos):
+            raise ArfuseError(f"{n} and {names[0]} scored different masked positions: use the same mask settings")
+    return models, ds, recs
+
+
 def evaluate_masked_lm(large: str, smalls: list[str] | str, data: str, *, valid: str | None = None,
                        weight: float | None = None, weights: list[float] | None = None,
                        mask: MaskConfig = MaskConfig(), device: str = "cpu", batch_size: int = 8,
@@ -254,9 +277,7 @@ def evaluate_masked_lm(large: str, smalls: list[str] | str, data: str, *, valid:
     The weight is ``weight`` (the large model's w) or ``weights`` (one per model) when given,
     else the exact NLL optimum on ``valid`` (or on ``data`` itself, said in the report).
     """
-    from arfuse.adapters.protein import load_protein_model
     from arfuse.fusion import check_weights, linear, uniform, w_to_k
-    from arfuse.scoring.masked import score_masked
     from arfuse.search import improvement_domain, optimal_weight, optimal_weights_em
 
     smalls = [smalls] if isinstance(smalls, str) else list(smalls)
@@ -269,27 +290,16 @@ def evaluate_masked_lm(large: str, smalls: list[str] | str, data: str, *, valid:
     if weights is not None:
         weights = check_weights(weights, 1 + len(smalls))
     specs = [large, *smalls]
-    models = [load_protein_model(s, device=device) for s in specs]
-    for m in models[1:]:
-        if m.vocab != models[0].vocab:
-            raise ArfuseError(f"{m.info.name} and {models[0].info.name} have different vocabularies: per-position "
-                              "fusion needs the same residue alphabet in the same order")
+    models, ds, recs = score_family(specs, data, mask=mask, device=device, batch_size=batch_size,
+                                    use_cache=use_cache, progress=progress)
     names = [m.info.name for m in models]
-    if len(set(names)) != len(names):
-        raise ArfuseError(f"the same model is given twice ({', '.join(names)}): fuse different models")
-    ds = load_protein_dataset(data)
-    vds = load_protein_dataset(valid) if valid else None
-
-    def score_all(d):
-        recs = [score_masked(m, d, mask, batch_size=batch_size, use_cache=use_cache, progress=progress) for m in models]
-        for r, n in zip(recs[1:], names[1:]):
-            if not np.array_equal(r.target, recs[0].target) or not np.array_equal(r.pos, recs[0].pos):
-                raise ArfuseError(f"{n} and {names[0]} scored different masked positions: use the same mask settings")
-        return recs
-
-    recs = score_all(ds)
+    vds = None
     lps = [r.logp.astype(np.float64) for r in recs]
-    fit = [r.logp.astype(np.float64) for r in score_all(vds)] if vds else lps
+    fit = lps
+    if valid:
+        _, vds, vrecs = score_family(specs, valid, mask=mask, device=device, batch_size=batch_size,
+                                     use_cache=use_cache, progress=progress)
+        fit = [r.logp.astype(np.float64) for r in vrecs]
     notes: list[str] = []
     if weights is not None:
         source = "given"
