@@ -6,8 +6,8 @@ import pytest
 
 from arfuse.errors import ArfuseError
 from arfuse.search.accuracy import (
-    brute_force_right, combine_groups, curve_from_intervals, intervals_from_probs, intervals_from_records,
-    intervals_from_topk, paired_bootstrap, three_sets,
+    brute_force_front_right, brute_force_right, combine_groups, curve_from_intervals, intervals_from_probs, intervals_from_records,
+    intervals_from_topk, paired_bootstrap, pareto_front, three_sets,
 )
 
 W_GRID = np.linspace(0.0, 1.0, 10001)
@@ -17,36 +17,8 @@ def _k(w: float) -> float:
     return math.inf if w == 1.0 else w / (1.0 - w)
 
 
-def _pareto(pl: np.ndarray, ps: np.ndarray):
-    """Per row, every candidate that no other candidate beats or ties in both models (padded).
-
-    A token d with p_L(d) >= p_L(c) and p_S(d) >= p_S(c) scores at least as high as c at
-    every weight, so dropping c never changes the argmax: brute force over the rest is
-    still brute force, on a few columns instead of the whole vocabulary.
-    """
-    n, v = pl.shape
-    order = np.lexsort((np.broadcast_to(np.arange(v), (n, v)), -pl), axis=1)  # by p_L desc, then id
-    ps_sorted = np.take_along_axis(ps, order, 1)
-    run = np.maximum.accumulate(ps_sorted, axis=1)
-    keep = np.ones((n, v), bool)
-    keep[:, 1:] = ps_sorted[:, 1:] > run[:, :-1]
-    f = int(keep.sum(1).max())
-    ids = np.full((n, f), v, np.int64)
-    for i in range(n):
-        kept = np.sort(order[i][keep[i]])  # by id, so argmax breaks ties as on the full row
-        ids[i, : len(kept)] = kept
-    pad = ids == v
-    safe = np.where(pad, 0, ids)
-    return (np.where(pad, -1.0, np.take_along_axis(pl, safe, 1)), np.where(pad, -1.0, np.take_along_axis(ps, safe, 1)),
-            ids)
-
-
-def _brute(front, t: np.ndarray, k: float) -> np.ndarray:
-    """Right at k: the fused argmax computed directly on the candidates ``_pareto`` kept."""
-    fl, fs, ids = front
-    w = 1.0 if math.isinf(k) else k / (1.0 + k)
-    pick = (w * fl + (1.0 - w) * fs).argmax(axis=1)
-    return ids[np.arange(len(t)), pick] == t
+_pareto = pareto_front
+_brute = brute_force_front_right
 
 
 def _dense(rec) -> np.ndarray:

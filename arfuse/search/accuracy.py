@@ -431,6 +431,40 @@ def brute_force_right(p_large: np.ndarray, p_small: np.ndarray, target: np.ndarr
     return fused.argmax(axis=1) == np.asarray(target)
 
 
+def pareto_front(p_large: np.ndarray, p_small: np.ndarray):
+    """Per row, the candidates no other candidate beats or ties in both models (padded with -1).
+
+    A candidate d with p_L(d) >= p_L(c) and p_S(d) >= p_S(c) scores at least as high as c at
+    every weight (and wins ties by index when it comes first), so dropping c never changes
+    the fused argmax: a brute force over the front is still a brute force, on a few columns
+    instead of a whole vocabulary. Returns (front p_L, front p_S, candidate ids), ids sorted.
+    """
+    pl, ps = np.asarray(p_large, np.float64), np.asarray(p_small, np.float64)
+    n, v = pl.shape
+    order = np.lexsort((np.broadcast_to(np.arange(v), (n, v)), -pl), axis=1)  # by p_L desc, then index
+    ps_sorted = np.take_along_axis(ps, order, 1)
+    run = np.maximum.accumulate(ps_sorted, axis=1)
+    keep = np.ones((n, v), bool)
+    keep[:, 1:] = ps_sorted[:, 1:] > run[:, :-1]
+    f = int(keep.sum(1).max())
+    ids = np.full((n, f), v, np.int64)
+    for i in range(n):
+        kept = np.sort(order[i][keep[i]])  # by index, so argmax breaks ties as on the full row
+        ids[i, : len(kept)] = kept
+    pad = ids == v
+    safe = np.where(pad, 0, ids)
+    return (np.where(pad, -1.0, np.take_along_axis(pl, safe, 1)), np.where(pad, -1.0, np.take_along_axis(ps, safe, 1)),
+            ids)
+
+
+def brute_force_front_right(front, target: np.ndarray, k: float) -> np.ndarray:
+    """``brute_force_right`` on the candidates ``pareto_front`` kept."""
+    fl, fs, ids = front
+    w = 1.0 if math.isinf(k) else k / (1.0 + k)
+    pick = (w * fl + (1.0 - w) * fs).argmax(axis=1)
+    return ids[np.arange(len(target)), pick] == np.asarray(target)
+
+
 # ---- paired bootstrap --------------------------------------------------------------------------
 def paired_bootstrap(fused_right: np.ndarray, base_right: np.ndarray, *, n_boot: int = 10000, seed: int = 0,
                      level: float = 0.95) -> dict:

@@ -139,7 +139,9 @@ def run_task(cfg: TaskRunConfig, *, progress: bool = True) -> dict:
         "scoring": {"bos": [bool(c.records.meta["bos"]) for c in conts], "topk": cfg.score.topk,
                     "window": "whole context (each request fits one window)"},
         "models": [{"spec": s, "name": m.info.name, "num_parameters": m.num_parameters} for s, m in zip(specs, models)],
-        "alone": [], "fused": {},
+        "alone": [], "fused": {}, "per_example": [],
+        "run_config": {"large": cfg.large, "small": cfg.small, "valid_split": cfg.valid_split, "topk": cfg.score.topk,
+                       "limit": cfg.limit, "bos": cfg.score.bos},
     }
     if task.kind == "lambada":
         per_model = []
@@ -149,6 +151,7 @@ def run_task(cfg: TaskRunConfig, *, progress: bool = True) -> dict:
             np.logical_and.at(right, c.request, top1)
             ll = c.loglik()
             per_model.append((ll, right))
+            report["per_example"].append({"acc": right.astype(int).tolist(), "loglik": ll.tolist()})
             report["alone"].append({"name": m.info.name, **lambada.word_metrics(ll, right),
                                     "target_tokens": int(c.n_tokens().sum())})
     else:
@@ -156,6 +159,8 @@ def run_task(cfg: TaskRunConfig, *, progress: bool = True) -> dict:
         for m, c in zip(models, conts):
             s = mc.mc_scores(examples, c.loglik())
             per_model.append(s)
+            report["per_example"].append({"acc": s.right(False).astype(int).tolist(),
+                                          "acc_norm": s.right(True).astype(int).tolist()})
             report["alone"].append({"name": m.info.name, "acc": float(s.right(False).mean()),
                                     "acc_norm": float(s.right(True).mean()), "n": n})
     if len(models) == 1:
