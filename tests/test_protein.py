@@ -208,3 +208,15 @@ def test_weight_chosen_on_validation_sequences(esm, uniref, tmp_path):
     assert rep.weights[0] == pytest.approx(optimal_weight(*lv).w, abs=1e-9)
     assert rep.weight_source.startswith("NLL-optimal on the validation data") and rep.valid["sequences"] == 7
     assert rep.data["sequences"] == 8
+
+
+def test_law_members_for_an_esm_family(esm, uniref):
+    from arfuse.search.law import analyse_family
+    from arfuse.tasks.masked_lm import law_members
+
+    members, info = law_members([esm["small"], esm["large"]], uniref, progress=False)
+    assert info["tokens"] == 766 and info["topk"] == 33
+    rep = analyse_family(members, info).to_dict()
+    (pair,) = rep["pairs"]
+    assert pair["llm"] == "esm_large" and pair["acc"]["exact"]
+    assert pair["ppl"]["ppl_llm"] == pytest.approx(masked_ppl(members[1].records.logp), rel=1e-9)

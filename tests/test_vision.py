@@ -137,9 +137,9 @@ def test_cache_is_reused_and_a_bad_chunk_rescored(shared_data, cifar_small):
 
 # ---- data: folders, tar files, slices, bad input ------------------------------------------
 def test_per_class_slices(shared_data):
-    half = load_image_dataset("cifar10-test[50%:]")
-    assert len(half) == 5000 and half.files[0] == "test/airplane/0500.jpg"
-    assert np.bincount(half.labels).tolist() == [500] * 10
+    half = load_image_dataset("cifar10-test[50%:51%]")  # files 0500-0509 of every class
+    assert len(half) == 100 and half.files[0] == "test/airplane/0500.jpg" and half.files[-1] == "test/truck/0509.jpg"
+    assert np.bincount(half.labels).tolist() == [10] * 10
     assert is_image_data("cifar10-test[:5]") and not is_image_data("wikitext2-raw-test")
     with pytest.raises(ArfuseError, match="bad slice bound 'x'"):
         load_image_dataset("cifar10-test[x:]")
@@ -264,3 +264,20 @@ def test_given_weight_one_is_the_large_model_and_overlap_is_refused(shared_data)
         evaluate_classification("resnet44", ["resnet20", "resnet32"], "cifar10-test[:2]", search="accuracy")
     with pytest.raises(ArfuseError, match="weight 1.5 is outside"):
         evaluate_classification("resnet44", "resnet20", "cifar10-test[:2]", weight=1.5)
+
+
+def test_law_analysis_runs_on_the_resnet_family(shared_data):
+    """The members handed to arfuse.search.law: every pair, k* equal to the exact optimum on the records."""
+    from arfuse.search import optimal_weight
+    from arfuse.search.law import analyse_family
+    from arfuse.tasks.classification import law_members
+
+    members, info = law_members(["resnet20", "resnet32", "resnet56"], "cifar10-test[:3]", progress=False)
+    assert info["tokens"] == 30 and info["unit"] == "image" and [m.num_parameters for m in members] == [269_722, 464_154, 853_018]
+    rep = analyse_family(members, info).to_dict()
+    pairs = {(p["llm"], p["slm"]): p for p in rep["pairs"]}
+    assert set(pairs) == {("resnet32", "resnet20"), ("resnet56", "resnet20"), ("resnet56", "resnet32")}
+    p = pairs[("resnet56", "resnet20")]
+    assert p["r"] == pytest.approx(853_018 / 269_722)
+    k = optimal_weight(members[2].records.logp, members[0].records.logp).k
+    assert p["ppl"]["k_star"] == pytest.approx(k, rel=1e-9) and p["acc"]["exact"]

@@ -296,3 +296,21 @@ def evaluate_classification(large: str, smalls: list[str] | str, data: str, *, v
             notes.append(f"the exact accuracy curve gives {curve.right_at(k_used)[0]} right at k = {fmt_k(k_used)} but "
                          f"the direct fused argmax {direct}: k lies within rounding of an exchange threshold")
     return report
+
+
+def law_members(specs: list[str], data: str, *, device: str = "cpu", batch_size: int = 256, use_cache: bool = True,
+                progress: bool = True, num_parameters: dict | None = None):
+    """The family's members and data info for ``arfuse.search.law.analyse_family`` (as
+    ``law.family_members`` gives them for causal LMs): one record per image, all classes."""
+    from arfuse.search.law import Member
+
+    if len(specs) < 2:
+        raise ArfuseError(f"--family needs at least 2 models (comma-separated), got {len(specs)}: {specs}")
+    models, ds, recs = score_family(specs, data, device=device, batch_size=batch_size, use_cache=use_cache,
+                                    progress=progress)
+    members = [Member(m.info.name, (num_parameters or {}).get(m.info.name, m.num_parameters), r, s)
+               for s, m, r in zip(specs, models, recs)]
+    info = {"name": ds.name, "source": ds.source, "sha256": ds.content_hash,
+            "windowing": f"one record per image, all {len(ds.classes)} classes kept ({len(ds.skipped)} undecodable skipped)",
+            "tokens": len(ds), "topk": len(ds.classes), "unit": "image", "skipped": len(ds.skipped)}
+    return members, info

@@ -346,3 +346,21 @@ def evaluate_masked_lm(large: str, smalls: list[str] | str, data: str, *, valid:
     if any(math.isinf(r.ppl) for r in rows):
         notes.append(f"a mean cross-entropy above {LOSS_CAP:g} nats is reported as infinite perplexity (the paper's rule)")
     return report
+
+
+def law_members(specs: list[str], data: str, *, mask: MaskConfig = MaskConfig(), device: str = "cpu",
+                batch_size: int = 8, use_cache: bool = True, progress: bool = True,
+                num_parameters: dict | None = None):
+    """The family's members and data info for ``arfuse.search.law.analyse_family``: one
+    record per masked residue, the whole vocabulary kept (exact accuracy curves)."""
+    from arfuse.search.law import Member
+
+    if len(specs) < 2:
+        raise ArfuseError(f"--family needs at least 2 models (comma-separated), got {len(specs)}: {specs}")
+    models, ds, recs = score_family(specs, data, mask=mask, device=device, batch_size=batch_size,
+                                    use_cache=use_cache, progress=progress)
+    members = [Member(m.info.name, (num_parameters or {}).get(m.info.name, m.num_parameters), r, s)
+               for s, m, r in zip(specs, models, recs)]
+    info = {"name": ds.name, "source": ds.source, "sha256": ds.content_hash, "windowing": mask.describe(),
+            "tokens": len(recs[0]), "topk": recs[0].topk_ids.shape[1], "unit": "masked residue"}
+    return members, info
