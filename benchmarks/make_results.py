@@ -123,18 +123,25 @@ def task_section(lmeval: dict | None) -> tuple[str, list[dict]]:
     names = {"lambada": "arfuse_lambada_openai", "arc_easy": "arfuse_arc_easy", "arc_challenge": "arfuse_arc_challenge"}
     for rep in reps:
         le = (lmeval or {}).get("tasks", {}).get(names.get(rep["task"], ""), None)
-        alone = rep["alone"][0]
+        ours = rep["per_example"][0]
         metrics = ["acc", "perplexity"] if rep["task"] == "lambada" else ["acc", "acc_norm"]
+        # compare on the examples both ran: the first n of the file
+        n = min(rep["n_examples"], len(le["examples"])) if le else rep["n_examples"]
         for m in metrics:
+            if m == "perplexity":
+                mine = math.exp(-float(np.mean(ours["loglik"][:n])))
+            else:
+                mine = float(np.mean(ours[m][:n]))
             ref, agree = "-", "-"
-            if le and le.get("limit") == rep["limit"]:
-                ref_v = le["metrics"].get(f"{m},none")
-                ref = f"{ref_v:.4f}" if ref_v is not None else "-"
-                if m != "perplexity" and rep.get("per_example"):
-                    ours = rep["per_example"][0][m]
-                    theirs = [e[m] for e in le["examples"]]
-                    agree = f"{sum(int(a == b) for a, b in zip(ours, theirs))}/{len(theirs)}"
-            lines.append(f"| {rep['task']} | {rep['n_examples']} | {m} | {alone[m]:.4f} | {ref} | {agree} |")
+            if le:
+                if m == "perplexity":
+                    ref = f"{math.exp(-float(np.mean([e['loglik'][0] for e in le['examples'][:n]]))):.4f}"
+                    diff = max(abs(a - e["loglik"][0]) for a, e in zip(ours["loglik"][:n], le["examples"][:n]))
+                    agree = f"max abs. log-lik difference {diff:.2e}"
+                else:
+                    ref = f"{float(np.mean([e[m] for e in le['examples'][:n]])):.4f}"
+                    agree = f"{sum(int(a == b[m]) for a, b in zip(ours[m][:n], le['examples'][:n]))}/{n}"
+            lines.append(f"| {rep['task']} | {n} | {m} | {mine:.4f} | {ref} | {agree} |")
     lines += ["", "Prompt formats: " + "; ".join(sorted({r["prompt_format"] for r in reps})), ""]
     lines += ["### Fused", "",
               "The weight ratio is chosen on the first 20% of each task's examples (exactly, from the accuracy curve) "
@@ -169,7 +176,9 @@ def law_section() -> tuple[str, list[dict]]:
         lr = LawReport(rep["family"], rep["data"], rep["pairs"], rep["fit"], rep["fits_per_llm"], rep["notes"])
         out += [f"### {setting}: {', '.join(m['name'] for m in rep['family'])} on {rep['data']['name']} "
                 f"({rep['data']['tokens']:,} {rep['data'].get('unit', 'tokens')})", "",
-                f"command: `{rep['data']['command']}`", "", to_markdown(lr),
+                f"command: `{rep['data']['command']}`"
+                + (" (for images, PPL = exp of the mean NLL per image; next-token accuracy = top-1)"
+                   if rep["data"].get("unit") == "images" else ""), "", to_markdown(lr),
                 f"![gain against k]({'img/' + d.name + '_law_gain.png'})",
                 f"![gain heatmap]({'img/' + d.name + '_law_heatmap.png'})",
                 f"![k* against r]({'img/' + d.name + '_law_fit.png'})", ""]
@@ -198,9 +207,18 @@ def answers(law_reps: list[dict], task_reps: list[dict]) -> str:
                   "(it must: the NLL is convex in w).",
                   f"- Is the perplexity gain ever negative inside the improvement domain? "
                   f"{'yes, in ' + str(sum(neg)) + ' pair(s)' if any(neg) else 'no'} (convexity forbids it; a check of the code).",
-                  f"- Accuracy: in {acc_worse}/{len(pairs)} pairs the fused model is below the LLM for some k "
-                  "(the paper's Theorem A.2.7 expects that below k_min, never above it); "
-                  f"best accuracy gains {', '.join(f'{p['acc']['gain_pt']:+.2f}' for p in pairs)} pt.",
+                  f"- Accuracy (exact curve, k chosen on the same examples: an oracle, not a held-out result): best gains "
+                  + ", ".join(f"{p['acc']['gain_pt']:+.2f}" for p in pairs) + " pt; the fused model is below the LLM "
+                  f"somewhere in {acc_worse}/{len(pairs)} pairs, always below the accuracy k_min ("
+                  + ", ".join(fk(p['acc']['k_min']) for p in pairs) + "), as Theorem A.2.7 describes; the improvement "
+                  "set is split into " + ", ".join(str(p['acc']['better_segments']) for p in pairs)
+                  + " separate k-intervals (the theorem's single window holds only where that is 1).",
+                  f"- Where this disagrees with the paper: the relation of k* to r is {'weak' if (f.get('r2') or 0) < 0.5 else 'clear'} "
+                  f"(R² {fk(f.get('r2'))} over r from {min(p['r'] for p in pairs):.2f} to {max(p['r'] for p in pairs):.2f}); "
+                  "k* stays near 1 for every pair, and the perplexity gains (tens of %) dwarf the paper's because these "
+                  "ResNets are badly calibrated on the JPEG re-encodes (NLL about 0.9 nats per image), so any mixture helps."
+                  if name == "resnet-cifar10" else
+                  f"- Fit quality: R² {fk(f.get('r2'))}.",
                   ""]
     for rep in task_reps:
         for key, f in rep.get("fused", {}).items():
