@@ -153,7 +153,7 @@ def test_masked_perplexity_equals_direct_transformers(esm, uniref, direct):
     assert "766 masked positions" in rep.table() and rep.to_dict()["weights"] == [0.8, pytest.approx(0.2)]
 
 
-def test_nll_optimal_weight_and_batch_independence(esm, uniref, direct):
+def test_nll_optimal_weight_and_batch_independence(esm, uniref, direct, tmp_path):
     from arfuse.search import optimal_weight
 
     rep = evaluate_masked_lm(esm["large"], esm["small"], uniref, progress=False)
@@ -162,11 +162,15 @@ def test_nll_optimal_weight_and_batch_independence(esm, uniref, direct):
     assert rep.weights[0] == pytest.approx(o.w, abs=1e-4) and "NLL-optimal on the reported data itself" in rep.weight_source
     fused = {r.kind: r for r in rep.rows}["fused"]
     assert fused.ppl <= min(r.ppl for r in rep.rows if r.kind != "fused") + 1e-9
+    # the gain curve is in the same units as the rows, and it peaks at k*
+    ks, g = np.asarray(rep.curve["k"]), np.asarray(rep.curve["gain_pct"])
+    assert g.max() <= fused.gain_pct + 1e-9 and ks[g.argmax()] == pytest.approx(rep.k_star, rel=0.05)
     model = load_protein_model(esm["small"])
     ds = load_protein_dataset(uniref)
     a = score_masked(model, ds, batch_size=1, use_cache=False, progress=False)
     b = score_masked(model, ds, batch_size=8, use_cache=False, progress=False)
     np.testing.assert_allclose(a.logp, b.logp, atol=1e-5)
+    assert Path(rep.plot(str(tmp_path / "g.png"))).read_bytes()[:4] == b"\x89PNG"
     c = score_masked(model, ds, progress=False)  # from the cache written by evaluate_masked_lm
     np.testing.assert_array_equal(c.target, a.target)
 

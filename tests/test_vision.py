@@ -213,7 +213,7 @@ def test_a_checkpoint_that_is_not_a_cifar_resnet(tmp_path):
 
 
 # ---- fusion, exact search and the accuracy curve on real records ---------------------------
-def test_fused_accuracy_choose_on_one_half_report_on_the_other(shared_data):
+def test_fused_accuracy_choose_on_one_half_report_on_the_other(shared_data, tmp_path):
     """resnet56 + resnet20: the weight is chosen on [:3] per class and reported on [3:6];
     every number of the report is recomputed here from the records by brute force."""
     from arfuse.search.accuracy import brute_force_right
@@ -249,6 +249,12 @@ def test_fused_accuracy_choose_on_one_half_report_on_the_other(shared_data):
     assert rows["fused"].right - rows["large"].right == sets["flips_wrong_to_right"] - sets["flips_right_to_wrong"]
     d = rep.to_dict()
     assert d["data"]["images"] == 30 and d["valid"]["images"] == 30 and "resnet56" in rep.table()
+    # the plotted step curve is the exact gain: at the used k it is fused minus large, in points
+    edges = np.asarray(rep.curve["edges"])
+    seg = int(np.searchsorted(edges[1:-1], rep.k, side="right"))
+    assert rep.curve["gain_pp"][seg] == pytest.approx(100 * (rows["fused"].right - rows["large"].right) / 30)
+    png = Path(rep.plot(str(tmp_path / "acc.png")))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_given_weight_one_is_the_large_model_and_overlap_is_refused(shared_data):

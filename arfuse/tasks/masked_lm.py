@@ -211,7 +211,40 @@ class MaskedLMReport:
     rows: list[MLMRow]
     domain_k: tuple[float, float] | None = None
     k_star: float | None = None
+    curve: dict | None = None     # perplexity gain (%) over the large model at weight ratios k (two models)
     notes: list[str] = field(default_factory=list)
+
+    def plot(self, path: str) -> str:
+        """Masked-PPL gain over the large model against k, the improvement domain shaded, k* and the used k marked."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if self.curve is None:
+            raise ArfuseError("no gain curve to plot: it exists for two models whose improvement domain is not empty")
+        ks, gains = self.curve["k"], self.curve["gain_pct"]
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        ax.plot(ks, gains, color="C0", lw=2, label="fused vs large (masked-position perplexity)")
+        if self.domain_k:
+            ax.axvspan(max(self.domain_k[0], ks[0]), ks[-1], color="C2", alpha=0.12,
+                       label=f"improvement domain k > {self.domain_k[0]:.3g}")
+        if self.k_star is not None and math.isfinite(self.k_star):
+            ax.axvline(self.k_star, color="C3", ls="--", lw=1, label=f"k* = {self.k_star:.3g}")
+        if self.k is not None and math.isfinite(self.k):
+            fused = next(r for r in self.rows if r.kind == "fused")
+            ax.plot([self.k], [fused.gain_pct], "o", color="C1", label=f"used k = {self.k:.3g} ({fused.gain_pct:+.2f}%)")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xscale("log")
+        ax.set_xlabel("weight ratio k = w / (1 - w)")
+        ax.set_ylabel("masked-PPL gain over the large model (%)")
+        ax.set_title(f"{self.models[0]['name']} + {self.models[1]['name']} on {self.data['name']}\n{self.masking}", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
 
     def to_dict(self) -> dict:
         from arfuse.tasks.classification import json_safe
@@ -230,7 +263,7 @@ class MaskedLMReport:
         params = {m["name"]: m["num_parameters"] for m in self.models}
         head = (f"{self.data['name']}: {self.data['sequences']} sequences, {self.data['residues']:,} residues, "
                 f"{self.masked_positions:,} masked positions ({self.data['source']})\n{self.masking}")
-        rows = [[r.name, f"{params[r.name] / 1e6:.2f}M" if r.name in params else "",
+        rows = [[r.name, f"{params[r.name]:,}" if r.name in params else "",
                  f"{r.ppl:.4f}", f"{r.ce:.4f}", "" if r.accuracy is None else f"{100 * r.accuracy:.2f}",
                  f"{r.gain_pct:+.3f}" if r.kind != "large" else "",
                  "" if r.weights is None else f"{r.weights[0]:.6f}",
@@ -278,7 +311,7 @@ def evaluate_masked_lm(large: str, smalls: list[str] | str, data: str, *, valid:
     else the exact NLL optimum on ``valid`` (or on ``data`` itself, said in the report).
     """
     from arfuse.fusion import check_weights, linear, uniform, w_to_k
-    from arfuse.search import improvement_domain, optimal_weight, optimal_weights_em
+    from arfuse.search import gain_curve, improvement_domain, optimal_weight, optimal_weights_em
 
     smalls = [smalls] if isinstance(smalls, str) else list(smalls)
     if weight is not None:
@@ -343,6 +376,11 @@ def evaluate_masked_lm(large: str, smalls: list[str] | str, data: str, *, valid:
         report.k_star = opt_t.k
         dom = improvement_domain(lps[0], lps[1], opt_t)
         report.domain_k = (w_to_k(dom[0]), math.inf) if dom else None
+        if dom:
+            k_lo = max(w_to_k(dom[0]) / 4, 1e-3)
+            k_hi = max(opt_t.k * 8, k_lo * 100) if math.isfinite(opt_t.k) else k_lo * 1000
+            ks = np.geomspace(k_lo, k_hi, 200)
+            report.curve = {"k": ks.tolist(), "gain_pct": gain_curve(lps[0], lps[1], ks).tolist()}
     if any(math.isinf(r.ppl) for r in rows):
         notes.append(f"a mean cross-entropy above {LOSS_CAP:g} nats is reported as infinite perplexity (the paper's rule)")
     return report
