@@ -22,6 +22,8 @@ def register(sub) -> None:
     g.add_argument("--search", action="store_true", help="find the NLL-optimal weight exactly (the default)")
     add_model_options(p)
     add_score_options(p)
+    p.add_argument("--objective", choices=["nll", "accuracy"],
+                   help="classifiers: search the weight for accuracy (exact, the default for two models) or NLL")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--plot", metavar="PNG", help="draw the gain against k with the improvement domain shaded")
     p.set_defaults(func=run)
@@ -43,6 +45,8 @@ def run(args) -> int:
             weights = [float(x) for x in args.weights.split(",")]
         except ValueError:
             raise ArfuseError(f"--weights {args.weights!r}: give comma-separated numbers, e.g. 0.9,0.05,0.05") from None
+    if _other_head(args, weights):
+        return 0
     cfg = EvalConfig(large=args.large, smalls=args.small, data=args.data, valid=args.valid, weights=weights,
                      score=score_config(args), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                      use_cache=not args.no_cache)
@@ -58,6 +62,34 @@ def run(args) -> int:
         if args.plot:
             print(f"plot: {args.plot}")
     return 0
+
+
+def _other_head(args, weights) -> bool:
+    """Image classifiers and protein masked LMs: the same fusion and search on their own records."""
+    from arfuse.adapters.protein import is_protein_model
+    from arfuse.adapters.vision import is_vision_model
+
+    common = dict(valid=args.valid, weights=weights, device=args.device, use_cache=not args.no_cache,
+                  progress=not args.quiet)
+    if is_vision_model(args.large):
+        from arfuse.tasks.classification import evaluate_classification
+
+        report = evaluate_classification(args.large, args.small, args.data, batch_size=max(args.batch_size, 64),
+                                         search=args.objective, **common)
+    elif is_protein_model(args.large):
+        if args.objective == "accuracy":
+            raise ArfuseError("--objective accuracy is for image classifiers: masked LMs are searched for NLL")
+        from arfuse.tasks.masked_lm import evaluate_masked_lm
+
+        report = evaluate_masked_lm(args.large, args.small, args.data, batch_size=args.batch_size, **common)
+    else:
+        return False
+    if args.plot:
+        report.plot(args.plot)
+    print(report.to_json() if args.json else report.table())
+    if args.plot and not args.json:
+        print(f"plot: {args.plot}")
+    return True
 
 
 def _fmt_k(k: float | None) -> str:
