@@ -1,0 +1,120 @@
+"""arfuse's own checkpoints: the LSTM/GRU language models that ``arfuse train`` writes
+(a folder with arfuse.json, model.safetensors and tokenizer.json).
+
+Transformers trained by arfuse are standard Hugging Face folders (they hold a config.json)
+and load through ``HFCausalLM``; this adapter only sees folders without one.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from arfuse.adapters.base import CausalLM, Encoding, ModelInfo, file_sha256, fingerprint_json
+from arfuse.errors import ArfuseError
+
+
+def load(path: str, device: str = "cpu") -> CausalLM:
+    """The model in an arfuse checkpoint folder."""
+    folder = Path(path).expanduser()
+    try:
+        meta = json.loads((folder / "arfuse.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArfuseError(f"{folder}/arfuse.json cannot be read ({e}): not an arfuse checkpoint") from None
+    if meta.get("status") != "complete":
+        raise ArfuseError(f"{folder} is a training run that has not finished (step {meta.get('step', 0):,} of "
+                          f"{meta.get('total_steps', '?')}): rerun its `arfuse train` command to resume it")
+    if meta.get("model_kind") == "rnn":
+        return ArfuseRNNLM(folder, meta, device=device)
+    raise ArfuseError(f"{folder} holds a {meta.get('model_kind')!r} model without config.json: its export is "
+                      "incomplete; rerun its `arfuse train` command to write it again")
+
+
+class ArfuseRNNLM(CausalLM):
+    """An LSTM or GRU LM trained by arfuse; reads any window from a zero state."""
+
+    def __init__(self, folder: Path, meta: dict, device: str = "cpu"):
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer
+
+        from arfuse.adapters.hf import resolve_device
+        from arfuse.train.rnn import RNNLM, RNNConfig
+
+        self.device = resolve_device(str(device))
+        cfg = RNNConfig(**meta["model"])
+        self.model = RNNLM(cfg)
+        weights_path = folder / "model.safetensors"
+        if not weights_path.exists():
+            raise ArfuseError(f"{folder} has no model.safetensors: rerun its `arfuse train` command to export it")
+        sd = load_file(str(weights_path))
+        if cfg.tie_weights:
+            sd["decoder.weight"] = sd["encoder.weight"]
+        try:
+            self.model.load_state_dict(sd)
+        except RuntimeError as e:
+            raise ArfuseError(f"{weights_path} does not match its arfuse.json ({str(e).splitlines()[0]}): "
+                              "the folder is damaged; retrain it") from None
+        self.model.to(self.device).eval()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError) as e:
+            raise ArfuseError(f"{folder} has no usable tokenizer ({str(e).splitlines()[0]}): the folder is incomplete") from None
+        self.bos_id = self.tokenizer.bos_token_id
+        self.eos_id = self.tokenizer.eos_token_id
+        self.default_add_bos = bool(getattr(self.tokenizer, "add_bos_token", False))
+        self.info = ModelInfo(
+            name=folder.name, kind="arfuse", num_parameters=sum(p.numel() for p in self.model.parameters()),
+            vocab_size=cfg.vocab_size, max_length=None,
+            identity={"path": str(folder.resolve()), "weights": file_sha256(weights_path), "arch": meta.get("arch"),
+                      "config": fingerprint_json(meta["model"])})
+        self._tok_fp: str | None = None
+
+    def encode(self, text: str) -> Encoding:
+        from arfuse.adapters.hf import encoding_from_offsets
+
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return encoding_from_offsets(enc["input_ids"], enc["offset_mapping"], len(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def tokenizer_fingerprint(self) -> str:
+        if self._tok_fp is None:
+            self._tok_fp = fingerprint_json(self.tokenizer.backend_tokenizer.to_str())
+        return self._tok_fp
+
+    @torch.no_grad()
+    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_step(input_ids, None, attention_mask)[0]
+
+    @torch.no_grad()
+    def forward_logits_tail(self, input_ids: torch.Tensor, n: int) -> torch.Tensor:
+        out, _ = self.model.rnn(self.model.encoder(input_ids.to(self.device)))  # (B, T, H); no dropout in eval
+        return self.model.decoder(out[:, -n:])
+
+    @torch.no_grad()
+    def forward_step(self, input_ids: torch.Tensor, past=None, attention_mask: torch.Tensor | None = None):
+        """Logits (B, T, V) of new tokens given the state after the earlier ones, and the new state.
+
+        Left padding (``attention_mask`` 0) is skipped: each row starts its state at its first real token.
+        """
+        ids = input_ids.to(self.device)
+        if attention_mask is None or bool(attention_mask.all()):
+            return self.model(ids, past)
+        mask = attention_mask.to(self.device).bool()
+        logits = torch.zeros(*ids.shape, self.info.vocab_size, device=self.device)
+        states = []
+        for b in range(ids.shape[0]):
+            keep = mask[b]
+            row_past = None if past is None else self._row(past, b)
+            lo, st = self.model(ids[b:b + 1, keep], row_past)
+            logits[b, keep] = lo[0]
+            states.append(st)
+        if isinstance(states[0], tuple):
+            return logits, tuple(torch.cat([s[i] for s in states], dim=1) for i in range(len(states[0])))
+        return logits, torch.cat(states, dim=1)
+
+    @staticmethod
+    def _row(state, b: int):
+        return tuple(s[:, b:b + 1] for s in state) if isinstance(state, tuple) else state[:, b:b + 1]
