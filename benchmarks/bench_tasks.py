@@ -24,6 +24,8 @@ def main() -> None:
     ap.add_argument("--large", default="smollm2-135m")
     ap.add_argument("--arc-small", default="stories260k")
     ap.add_argument("--lambada-small", default=None)
+    ap.add_argument("--lambada-small-context-words", type=int, default=None,
+                    help="with --lambada-small: that model reads only the last N words of each passage")
     ap.add_argument("--limit-lambada", type=int, default=100)
     ap.add_argument("--limit-arc-easy", type=int, default=40)
     ap.add_argument("--limit-arc-challenge", type=int, default=20)
@@ -44,9 +46,12 @@ def main() -> None:
         if only and task not in only:
             continue
         t0 = time.time()
-        cfg = TaskRunConfig(task=task, large=args.large, small=small, limit=limit, valid_split=args.valid_split)
+        scw = args.lambada_small_context_words if task == "lambada" else None
+        cfg = TaskRunConfig(task=task, large=args.large, small=small, limit=limit, valid_split=args.valid_split,
+                            small_context_words=scw)
         rep = run_task(cfg, progress=False)
         rep["command"] = (f"arfuse task {task} --large {args.large}" + (f" --small {small}" if small else "")
+                          + (f" --small-context-words {scw}" if scw else "")
                           + f" --limit {limit} --valid-split {args.valid_split}")
         rep["seconds"] = round(time.time() - t0, 1)
         (out / f"task_{task}.json").write_text(json.dumps(json_safe(rep), indent=1))

@@ -109,7 +109,8 @@ def task_section(lmeval: dict | None) -> tuple[str, list[dict]]:
         cfg = TaskRunConfig(task=old["task"], large=c.get("large", old["models"][0]["spec"]),
                             small=c.get("small", old["models"][1]["spec"] if len(old["models"]) > 1 else None),
                             limit=old.get("limit"), valid_split=c.get("valid_split", "0:20%"),
-                            score=ScoreConfig(topk=c.get("topk", 32)))
+                            score=ScoreConfig(topk=c.get("topk", 32)),
+                            small_context_words=old.get("small_context_words"))
         rep = run_task(cfg, progress=False)
         rep["command"] = old.get("command")
         reps.append(rep)

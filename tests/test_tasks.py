@@ -164,3 +164,48 @@ def test_lambada_fused_on_tiny_models_agrees_with_brute_force(tiny_models, tmp_p
         right.append(all(int(fused[i - 1].argmax()) == ids[i] for i in range(n_ctx, len(ids))))
     assert rep["fused"]["acc"]["test"]["acc_fused"] == pytest.approx(np.mean(right))
     assert rep["fused"]["acc"]["test"]["undetermined"] == 0
+
+
+def test_small_context_ablation_and_cached_blocks(tiny_models, tmp_path):
+    """The small model reading only the last words of each context: its target tokens align
+    with the large model's; a longer --limit reuses the cached request blocks."""
+    from arfuse.tasks import loglik
+    from arfuse.tasks.runner import TaskRunConfig, _last_words, run_task
+
+    assert _last_words("one two three four", 2) == "three four"
+    lines = ["The quick brown fox jumps over the lazy dog", "A stitch in time saves nine",
+             "In the beginning was the word", "The word was with God", "The lazy dog saves the word",
+             "A quick fox was in time", "Nine dogs jump over the brown fox", "The brown word was nine"]
+    p = tmp_path / "l.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    rep = run_task(TaskRunConfig(task="lambada", large=tiny_models["large"], small=tiny_models["large"], data=str(p),
+                                 small_context_words=2, valid_split="0:4", n_boot=200), progress=False)
+    assert rep["alone"][1]["name"].endswith("(last 2 words of context)")
+    assert rep["alone"][0]["target_tokens"] == rep["alone"][1]["target_tokens"]
+    f = rep["fused"]["acc"]["test"]
+    assert f["acc_llm"] == pytest.approx(np.mean(rep["per_example"][0]["acc"][4:]))
+    old = loglik.BLOCK
+    try:
+        loglik.BLOCK = 4
+        cfg = dict(task="lambada", large=tiny_models["small"], data=str(p), valid_split="none")
+        a = run_task(TaskRunConfig(limit=4, **cfg), progress=False)
+        import arfuse.scoring.scorer as scorer
+
+        calls = []
+        real = scorer._score_windows
+        scorer._score_windows = lambda *x, **k: calls.append(1) or real(*x, **k)
+        try:
+            b = run_task(TaskRunConfig(limit=8, **cfg), progress=False)
+        finally:
+            scorer._score_windows = real
+        assert b["per_example"][0]["loglik"][:4] == a["per_example"][0]["loglik"]
+        assert len(calls) > 0 and len(b["per_example"][0]["loglik"]) == 8
+        n_first = len(calls)
+        scorer._score_windows = lambda *x, **k: calls.append(1) or real(*x, **k)
+        try:
+            run_task(TaskRunConfig(limit=8, **cfg), progress=False)
+        finally:
+            scorer._score_windows = real
+        assert len(calls) == n_first  # all from the cache now
+    finally:
+        loglik.BLOCK = old

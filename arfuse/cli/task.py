@@ -16,6 +16,9 @@ def register(sub) -> None:
     p.add_argument("--large", required=True, help="the large model: name, .gguf, llama2.c .bin, folder or hub id")
     p.add_argument("--small", help="the small model to fuse with (multiple choice: any tokenizer; LAMBADA: the same)")
     p.add_argument("--data", help="the task's data file (default: the shared data folder's copy)")
+    p.add_argument("--small-context-words", type=int, metavar="N",
+                   help="the small model reads only the last N words of each context (a context ablation; "
+                        "with --small equal to --large, a short-context copy of the large model)")
     p.add_argument("--limit", type=int, help="only the first N examples")
     p.add_argument("--valid-split", default="0:20%",
                    help="examples the weight is chosen on, as a:b indices or percentages; the rest is reported "
@@ -40,7 +43,7 @@ def run(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise ArfuseError(f"--limit must be at least 1, got {args.limit}")
     cfg = TaskRunConfig(task=args.task, large=args.large, small=args.small, data=args.data, limit=args.limit,
-                        valid_split=args.valid_split, score=ScoreConfig(bos=args.bos, topk=args.topk),
+                        valid_split=args.valid_split, small_context_words=args.small_context_words, score=ScoreConfig(bos=args.bos, topk=args.topk),
                         device=args.device, dtype=args.dtype, batch_size=args.batch_size, use_cache=not args.no_cache)
     report = run_task(cfg, progress=not args.quiet)
     if args.json:

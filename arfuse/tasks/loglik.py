@@ -19,6 +19,8 @@ from arfuse.scoring.records import FIELDS, TokenRecords
 from arfuse.scoring.scorer import ScoreConfig, score
 from arfuse.tasks.data import Dataset
 
+BLOCK = 128  # requests per cached block
+
 
 @dataclass
 class Continuations:
@@ -57,16 +59,22 @@ def score_continuations(model: CausalLM, pairs: list[tuple[str, str]], cfg: Scor
         docs.append(c + x)
         n_ctx.append(len(model.encode(c).ids) if c else 0)
     bos = model.uses_bos(cfg.bos)
-    longest = max(len(model.encode(d).ids) for d in docs) + int(bos)
-    window = cfg.window
-    if model.info.max_length is not None:
-        window = min(window, model.info.max_length)
-    if window < longest:  # every continuation sees its whole context when the model allows it
-        window = min(longest, model.info.max_length or longest)
-    cfg = replace(cfg, window=window, stride=min(cfg.stride or window, window))
-    h = hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:12]
-    ds = Dataset(f"{name}#{h}", docs, source=name)
-    rec = score(model, ds, cfg, batch_size=batch_size, use_cache=use_cache, progress=progress)
+    # fixed blocks of requests, each cached on its own: a longer --limit reuses the blocks
+    # already scored, and an interrupted run keeps the finished ones
+    parts = []
+    for b0 in range(0, len(docs), BLOCK):
+        block = docs[b0:b0 + BLOCK]
+        longest = max(len(model.encode(d).ids) for d in block) + int(bos)
+        window = cfg.window if model.info.max_length is None else min(cfg.window, model.info.max_length)
+        if window < longest:  # every continuation sees its whole context when the model allows it
+            window = min(longest, model.info.max_length or longest)
+        bcfg = replace(cfg, window=window, stride=min(cfg.stride or window, window))
+        h = hashlib.sha256("\x00".join(block).encode()).hexdigest()[:12]
+        r = score(model, Dataset(f"{name}#{b0}-{b0 + len(block)}#{h}", block, source=name), bcfg,
+                  batch_size=batch_size, use_cache=use_cache, progress=progress)
+        r.doc = r.doc + b0
+        parts.append(r)
+    rec = TokenRecords.concat(parts, meta=parts[0].meta)
     start = np.asarray(n_ctx, np.int64) + int(bos)
     keep = rec.pos >= start[rec.doc]
     if not keep.any():

@@ -43,6 +43,7 @@ class TaskRunConfig:
     use_cache: bool = True
     n_boot: int = 10000
     seed: int = 0
+    small_context_words: int | None = None  # the small model reads only the last N words of each context
 
 
 def resolve_data(task: TaskConfig, data: str | None) -> Path:
@@ -131,14 +132,20 @@ def run_task(cfg: TaskRunConfig, *, progress: bool = True) -> dict:
         from arfuse.tasks.perplexity import check_same_vocab
 
         check_same_vocab(models)  # token-level argmax needs one vocabulary
-    conts = [score_continuations(m, reqs, cfg.score, name=f"{task.name}", batch_size=cfg.batch_size,
-                                 use_cache=cfg.use_cache, progress=progress) for m in models]
+    all_reqs = [reqs, reqs]
+    if cfg.small_context_words is not None:
+        if cfg.small_context_words < 1:
+            raise ArfuseError(f"--small-context-words must be at least 1, got {cfg.small_context_words}")
+        all_reqs[1] = [(_last_words(c, cfg.small_context_words), x) for c, x in reqs]
+    conts = [score_continuations(m, rq, cfg.score, name=f"{task.name}", batch_size=cfg.batch_size,
+                                 use_cache=cfg.use_cache, progress=progress) for m, rq in zip(models, all_reqs)]
     report: dict = {
         "task": task.name, "description": task.description, "config_file": task.source, "data": str(path),
         "n_examples": n, "limit": cfg.limit, "prompt_format": prompt,
         "scoring": {"bos": [bool(c.records.meta["bos"]) for c in conts], "topk": cfg.score.topk,
                     "window": "whole context (each request fits one window)"},
         "models": [{"spec": s, "name": m.info.name, "num_parameters": m.num_parameters} for s, m in zip(specs, models)],
+        "small_context_words": cfg.small_context_words,
         "alone": [], "fused": {}, "per_example": [],
         "run_config": {"large": cfg.large, "small": cfg.small, "valid_split": cfg.valid_split, "topk": cfg.score.topk,
                        "limit": cfg.limit, "bos": cfg.score.bos},
@@ -163,6 +170,10 @@ def run_task(cfg: TaskRunConfig, *, progress: bool = True) -> dict:
                                           "acc_norm": s.right(True).astype(int).tolist()})
             report["alone"].append({"name": m.info.name, "acc": float(s.right(False).mean()),
                                     "acc_norm": float(s.right(True).mean()), "n": n})
+    if cfg.small_context_words is not None and len(models) == 2:
+        label = f"{models[1].info.name} (last {cfg.small_context_words} words of context)"
+        report["alone"][1]["name"] = label
+        report["models"][1]["name"] = label
     if len(models) == 1:
         return report
     report["param_ratio"] = models[0].num_parameters / models[1].num_parameters
@@ -178,6 +189,13 @@ def run_task(cfg: TaskRunConfig, *, progress: bool = True) -> dict:
             iv = intervals_from_probs(sl.probs(norm), ss.probs(norm), sl.gold, valid=sl.valid)
             report["fused"][key] = _fused_accuracy(iv, valid, test, cfg.n_boot, cfg.seed)
     return report
+
+
+def _last_words(context: str, n: int) -> str:
+    """The last ``n`` space-separated words of a context, keeping its trailing space if any."""
+    words = context.split(" ")
+    tail = " ".join(words[-(n + 1):]) if context.endswith(" ") else " ".join(words[-n:])
+    return tail
 
 
 def _fused_perplexity(conts, valid: np.ndarray, test: np.ndarray) -> dict:
