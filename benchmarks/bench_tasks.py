@@ -3,8 +3,10 @@
     nice -n 10 .venv/bin/python benchmarks/bench_tasks.py [--limit-lambada 100] [--limit-arc 100] ...
 
 Settings (each number in docs/results.md says which it came from):
-- LAMBADA (lm-eval lambada_openai format), SmolLM2-135M alone; fused with --lambada-small when given
-  (token-level argmax needs an SLM on SmolLM2's tokenizer: the trainer's zoo).
+- LAMBADA (lm-eval lambada_openai format), SmolLM2-135M alone, and fused with --lambada-small (token-level
+  argmax needs an SLM on SmolLM2's tokenizer). Until the trainer's SLMs exist the default is a context
+  ablation: SmolLM2-135M itself reading only the last 8 words of each passage (r = 1; not the paper's
+  setting). For a real SLM: --lambada-small SLM --lambada-small-context-words 0.
 - ARC-Easy / ARC-Challenge (lm-eval arc_* prompt), SmolLM2-135M alone and fused over answers with
   --arc-small (default stories260k: answer-level fusion needs no shared tokenizer).
 Weights are chosen on the first 20% of the examples and reported on the other 80%.
@@ -23,12 +25,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--large", default="smollm2-135m")
     ap.add_argument("--arc-small", default="stories260k")
-    ap.add_argument("--lambada-small", default=None)
-    ap.add_argument("--lambada-small-context-words", type=int, default=None,
+    ap.add_argument("--lambada-small", default="smollm2-135m")
+    ap.add_argument("--lambada-small-context-words", type=int, default=8,
                     help="with --lambada-small: that model reads only the last N words of each passage")
     ap.add_argument("--limit-lambada", type=int, default=100)
-    ap.add_argument("--limit-arc-easy", type=int, default=40)
-    ap.add_argument("--limit-arc-challenge", type=int, default=20)
+    ap.add_argument("--limit-arc-easy", type=int, default=100)
+    ap.add_argument("--limit-arc-challenge", type=int, default=50)
     ap.add_argument("--valid-split", default="0:20%")
     ap.add_argument("--only", help="comma-separated task names to run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -46,7 +48,7 @@ def main() -> None:
         if only and task not in only:
             continue
         t0 = time.time()
-        scw = args.lambada_small_context_words if task == "lambada" else None
+        scw = args.lambada_small_context_words if task == "lambada" and args.lambada_small_context_words > 0 else None
         cfg = TaskRunConfig(task=task, large=args.large, small=small, limit=limit, valid_split=args.valid_split,
                             small_context_words=scw)
         rep = run_task(cfg, progress=False)

@@ -65,8 +65,8 @@ metric_list:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit-lambada", type=int, default=100)
-    ap.add_argument("--limit-arc-easy", type=int, default=40)
-    ap.add_argument("--limit-arc-challenge", type=int, default=20)
+    ap.add_argument("--limit-arc-easy", type=int, default=100)
+    ap.add_argument("--limit-arc-challenge", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lm_eval_smollm2.json"))
     args = ap.parse_args()

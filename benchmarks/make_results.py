@@ -148,7 +148,11 @@ def task_section(lmeval: dict | None) -> tuple[str, list[dict]]:
               "The weight ratio is chosen on the first 20% of each task's examples (exactly, from the accuracy curve) "
               "and the change is reported on the other 80% with a paired bootstrap 95% interval (10,000 resamples). "
               "ARC fuses the two models' answer distributions (the paper's classifier view), so the SLM may have "
-              "another tokenizer.", ""]
+              "another tokenizer: here stories260K (260K parameters, r = 517). LAMBADA's greedy last-word accuracy "
+              "fuses token by token and needs an SLM on SmolLM2's tokenizer; until the trainer's SLMs exist it is "
+              "a context ablation, SmolLM2-135M itself reading only the last 8 words of each passage (r = 1), which "
+              "exercises the machinery on real data but is not the paper's setting. LAMBADA's fused perplexity uses "
+              "the NLL-optimal weight of the validation part.", ""]
     from arfuse.tasks.runner import report_markdown
 
     for rep in reps:
