@@ -159,6 +159,21 @@ def build_partner(llm, layers: int, rank: int, steps: int, log=print):
     return wrap_as_adapter(student, llm, name, n), info
 
 
+def export_partner(slm, folder: str) -> None:
+    """Save the partner as a standard Hugging Face folder (its low-rank head multiplied out), so that
+    `arfuse generate --small FOLDER` and `load_model` read it like any other model."""
+    from transformers import LlamaForCausalLM
+
+    student = slm.model
+    plain = LlamaForCausalLM(student.config)
+    sd = {k: v for k, v in student.state_dict().items() if not k.startswith("lm_head.")}
+    with torch.no_grad():
+        sd["lm_head.weight"] = student.lm_head.up.weight @ student.lm_head.down.weight  # (V, D)
+    plain.load_state_dict(sd)
+    plain.save_pretrained(folder)
+    slm.tokenizer.save_pretrained(folder)
+
+
 # ---- timing -----------------------------------------------------------------------------------
 def nll_optimal_weight(llm, slm, n_chars: int = 6000) -> tuple[float, int]:
     """The exact NLL-optimal w on WikiText-2 valid-like text the partner never saw (PTB valid)."""
@@ -187,7 +202,7 @@ def ours(llm, slm, prompts, n_new, w, **kw) -> tuple[int, float, object]:
     from arfuse.generation.api import generate
 
     t0 = time.perf_counter()
-    res = generate(prompts, large=llm, small=slm, weight=w, max_new_tokens=n_new, stop_at_eos=False, **kw)
+    res = generate(prompts, large=llm, small=slm, weight=w if slm is not None else None, max_new_tokens=n_new, stop_at_eos=False, **kw)
     dt = time.perf_counter() - t0
     return sum(len(r.token_ids) for r in res), dt, res[0].stats
 
@@ -207,7 +222,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     ap.add_argument("--skip-batch8", action="store_true")
+    ap.add_argument("--rounds-b8", type=int, default=2, help="interleaved rounds of the batch-8 runs")
+    ap.add_argument("--w-sweep", default="0.9,0.7,0.5", help="further weights for the speculation-vs-w table")
     ap.add_argument("--json", help="write every number here")
+    ap.add_argument("--save-slm", metavar="FOLDER", help="also save the built partner SLM as a Hugging Face folder")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,6 +247,9 @@ def main(argv=None) -> int:
         report["slm"] = {"name": slm.info.name, **info,
                          "note": "built by this benchmark: no trained SLM on SmolLM2's tokenizer was used"}
     log(f"SLM {slm.info.name}: {slm.info.num_parameters / 1e6:.1f}M parameters")
+    if args.save_slm and not args.slm:
+        export_partner(slm, args.save_slm)
+        log(f"partner SLM saved to {args.save_slm}")
     if args.weight is None:
         w, n_tok = nll_optimal_weight(llm, slm)
         report["weight_source"] = f"NLL-optimal on PTB valid (first 6,000 characters, {n_tok} tokens)"
@@ -284,16 +305,25 @@ def main(argv=None) -> int:
     # ---- batch 8 ------------------------------------------------------------------------------------
     if not args.skip_batch8:
         b8 = {}
-        for k, fn in {
+        fns = {
             "llm-alone (transformers generate)": lambda: hf_generate(hf_llm, tok, PROMPTS, n, do_sample=False)[:2],
             "fused (arfuse, non-speculative)": lambda: ours(llm, slm, PROMPTS, n, w)[:2],
             f"fused-spec (arfuse, g={g})": lambda: ours(llm, slm, PROMPTS, n, w, speculative=g),
-        }.items():
-            out = fn()
-            b8[k] = {"tokens": out[0], "seconds": round(out[1], 2), "tokens_per_s": out[0] / out[1]}
-            if len(out) == 3:
-                b8[k]["acceptance_rate"] = out[2].acceptance_rate
-            log(f"  batch 8: {k}: {out[0] / out[1]:.2f} tokens/s")
+        }
+        for rnd in range(args.rounds_b8):  # interleaved rounds, summed
+            for k, fn in fns.items():
+                out = fn()
+                v = b8.setdefault(k, {"tokens": 0, "seconds": 0.0})
+                v["tokens"] += out[0]
+                v["seconds"] += out[1]
+                if len(out) == 3:
+                    v.setdefault("acceptance", []).append(out[2].acceptance_rate)
+                log(f"  batch 8, round {rnd + 1}: {k}: {out[0] / out[1]:.2f} tokens/s")
+        for v in b8.values():
+            v["tokens_per_s"] = v["tokens"] / v["seconds"]
+            if "acceptance" in v:
+                accs = [a for a in v.pop("acceptance") if a is not None]
+                v["acceptance_rate"] = sum(accs) / len(accs) if accs else None
         base8 = b8["llm-alone (transformers generate)"]["tokens_per_s"]
         for v in b8.values():
             v["x_llm_alone"] = v["tokens_per_s"] / base8
@@ -309,6 +339,21 @@ def main(argv=None) -> int:
             log(f"  {mode}, g={gg}: acceptance {st.acceptance_rate:.3f}, {ntok / st.large_passes:.2f} tokens per "
                 f"LLM pass, {ntok / sec:.2f} tokens/s")
     report["acceptance_vs_g"] = {"prompt": PROMPTS[0], "new_tokens": args.sweep_tokens, "rows": sweep}
+
+    # ---- where speculation pays: the same SLM at lower weights (a different fused model each) ----------
+    wrows = []
+    for ww in [w] + [float(x) for x in args.w_sweep.split(",") if x]:
+        nb, sb = hf_generate(hf_llm, tok, PROMPTS[:1], args.sweep_tokens, do_sample=False)[:2]
+        nf, sf, _ = ours(llm, slm, PROMPTS[:1], args.sweep_tokens, ww)
+        ns, ss, st = ours(llm, slm, PROMPTS[:1], args.sweep_tokens, ww, speculative=g)
+        row = {"w": ww, "llm_alone_tokens_per_s": nb / sb, "fused_x_llm_alone": (nf / sf) / (nb / sb),
+               "spec_x_llm_alone": (ns / ss) / (nb / sb), "spec_x_fused": (ns / ss) / (nf / sf),
+               "acceptance_rate": st.acceptance_rate, "tokens_per_llm_pass": ns / st.large_passes,
+               "draft_lengths": st.draft_lengths}
+        wrows.append(row)
+        log(f"  w={ww:.4f}: fused {row['fused_x_llm_alone']:.3f}x, spec {row['spec_x_llm_alone']:.3f}x LLM alone, "
+            f"acceptance {st.acceptance_rate}, {row['tokens_per_llm_pass']:.2f} tokens per LLM pass")
+    report["weight_sweep"] = {"prompt": PROMPTS[0], "new_tokens": args.sweep_tokens, "decoding": "greedy", "rows": wrows}
 
     print_report(report)
     if args.json:
@@ -335,6 +380,15 @@ def print_report(r: dict) -> None:
     print(f"{'mode':14s} {'g':>3s} {'acceptance':>11s} {'tokens/LLM pass':>16s} {'tokens/s':>9s}")
     for row in r["acceptance_vs_g"]["rows"]:
         print(f"{row['mode']:14s} {row['g']:3d} {row['acceptance_rate']:11.3f} {row['tokens_per_llm_pass']:16.2f} {row['tokens_per_s']:9.2f}")
+    if "weight_sweep" in r:
+        ws = r["weight_sweep"]
+        print(f"\nspeculation against w (greedy, g auto, prompt {ws['prompt']!r}, {ws['new_tokens']} tokens; "
+              "each w is a different fused model)")
+        print(f"{'w':>8s} {'fused x LLM':>12s} {'spec x LLM':>11s} {'spec x fused':>13s} {'acceptance':>11s} {'tokens/LLM pass':>16s}")
+        for row in ws["rows"]:
+            acc = "-" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.3f}"
+            print(f"{row['w']:8.4f} {row['fused_x_llm_alone']:12.3f} {row['spec_x_llm_alone']:11.3f} "
+                  f"{row['spec_x_fused']:13.3f} {acc:>11s} {row['tokens_per_llm_pass']:16.2f}")
 
 
 if __name__ == "__main__":

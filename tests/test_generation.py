@@ -214,3 +214,25 @@ def test_bad_input(models, tiny_models):
         generate("a", large=L, small=S, weight=0.5, temperature=-1)
     with pytest.raises(ArfuseError, match="give the LLM's weight"):
         generate("a", large=L, small=S)
+
+
+def test_draft_length_follows_acceptance_and_cost():
+    """g grows with the acceptance rate, and drafting stops (g = 0, with periodic probes) when it cannot pay."""
+    from arfuse.generation.draft_length import DraftLength
+
+    def run(rate, t_draft, t_token):
+        d = DraftLength(g_max=8, start=(), probe_every=4)
+        for _ in range(40):  # a verifying pass over n tokens takes 0.2 + t_token * n seconds
+            g = d.next()
+            if g:
+                d.update(int(rate * 100), 100, t_draft, g + 1, 0.2 + t_token * (g + 1), 0.001)
+            else:
+                d.update(0, 0, t_draft, 1, 0.2 + t_token, 0.001)
+        return d
+
+    good = run(0.9, 0.01, 0.01)
+    assert 5 <= good.history[-1] <= 8 and 0 not in good.history[5:]
+    # 5% acceptance and costly verification: plain fused decoding (1 / 0.271 s) beats g = 1 (1.05 / 0.322 s)
+    poor = run(0.05, 0.02, 0.05)
+    tail = poor.history[10:]
+    assert tail.count(0) >= len(tail) * 0.7 and max(tail) >= 1  # mostly plain, still probing

@@ -35,9 +35,9 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely fused tokens (default: 0, off)")
     p.add_argument("--stop", action="append", default=[], help="stop before this string; repeat for several")
     p.add_argument("--seed", type=int, default=0, help="random seed; prompt i samples with seed + i (default: 0)")
-    p.add_argument("--speculative", type=_g, metavar="G",
-                   help="draft G tokens with the first small model per large-model pass, or 'auto' to choose G "
-                        "from the measured acceptance rate; exact for the fused distribution")
+    p.add_argument("--speculative", type=_g, metavar="G", nargs="?", const="auto",
+                   help="draft G tokens with the first small model per large-model pass; without G (or 'auto') G "
+                        "is chosen from the measured acceptance rate and step times; exact for the fused distribution")
     p.add_argument("--truncate", choices=["error", "left"], default="error",
                    help="a prompt too long for a model's context: refuse (default) or drop its oldest tokens")
     p.add_argument("--bos", choices=["auto", "always", "never"], default="auto", help="prepend BOS (default: auto)")

@@ -43,6 +43,7 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    stats: GenerationStats | None = None   # of the whole call (shared by a batch's results)
 
 
 @dataclass
@@ -159,8 +160,13 @@ class Decoder:
         return logp.argmax(-1).cpu() if u is None else sample(logp, u).cpu()
 
     # ---- one cycle -----------------------------------------------------------------------
-    def _plain_cycle(self, states, last, U):
-        logps = [st.feed(last[:, None])[:, 0] for st in states]  # each (B, V)
+    def _plain_cycle(self, states, last, U, timing: dict):
+        logps = []
+        for i, st in enumerate(states):
+            t0 = time.perf_counter()
+            logps.append(st.feed(last[:, None])[:, 0])  # (B, V)
+            key = "draft" if i == 1 else "verify"
+            timing[key] = timing.get(key, 0.0) + time.perf_counter() - t0
         y = self._pick(self._target(self.rule(logps)), None if U is None else U[:, 0])
         self.stats.large_passes += 1
         return [[t] for t in y.tolist()]
@@ -280,11 +286,12 @@ class Decoder:
                 [torch.rand(2 * g + 1, generator=rows[i].gen, dtype=torch.float64) for i in active])  # (B, 2g + 1)
             t0 = time.perf_counter()
             timing: dict = {}
-            out = self._spec_cycle(states, last, g, U, timing) if g else self._plain_cycle(states, last, U)
-            if chooser and g:
-                other = time.perf_counter() - t0 - timing["verify"] - timing["draft"] * g
-                chooser.update(timing["accepted"], timing["trials"], timing["draft"], g + 1, timing["verify"],
-                               max(other, 0.0))
+            out = self._spec_cycle(states, last, g, U, timing) if g else self._plain_cycle(states, last, U, timing)
+            if chooser:
+                steps = max(g, 1) if g else 1
+                other = time.perf_counter() - t0 - timing["verify"] - timing["draft"] * steps
+                chooser.update(timing.get("accepted", 0), timing.get("trials", 0), timing["draft"], g + 1,
+                               timing["verify"], max(other, 0.0))
             self.stats.cycles += 1
             keep, new_last = [], []
             for j, i in enumerate(active):

@@ -10,10 +10,11 @@ class DraftLength:
 
     t_verify(T), the time of one pass of the verifying models over T tokens, is a least-squares
     line through the measured passes; every measurement is an exponential moving average, so g
-    follows the text as its predictability changes.
+    follows the text as its predictability changes. When no g beats plain fused decoding
+    (1 / (t_draft + t_verify(1) + t_other) tokens per second), g is 0 but for periodic probes.
     """
 
-    def __init__(self, g_max: int = 8, start: tuple[int, ...] = (2, 4), decay: float = 0.9):
+    def __init__(self, g_max: int = 8, start: tuple[int, ...] = (2, 4), decay: float = 0.9, probe_every: int = 8):
         self.g_max = g_max
         self.start = list(start)
         self.decay = decay
@@ -22,6 +23,8 @@ class DraftLength:
         self.t_other: float = 0.0
         self.t_verify: dict[int, float] = {}
         self.history: list[int] = []
+        self.probe_every = probe_every
+        self._plain_run = 0
 
     @staticmethod
     def _ema(old: float | None, new: float, a: float = 0.3) -> float:
@@ -29,8 +32,10 @@ class DraftLength:
 
     def update(self, accepted: int, trials: int, t_draft_step: float, n_verify: int, t_verify: float,
                t_other: float) -> None:
-        self.acc = self.decay * self.acc + accepted
-        self.trials = self.decay * self.trials + trials
+        """After a cycle: its drafts accepted and tried (0 and 0 for a plain cycle) and its timings."""
+        if trials:
+            self.acc = self.decay * self.acc + accepted
+            self.trials = self.decay * self.trials + trials
         self.t_draft = self._ema(self.t_draft, t_draft_step)
         self.t_verify[n_verify] = self._ema(self.t_verify.get(n_verify), t_verify)
         self.t_other = self._ema(self.t_other, t_other)
@@ -41,6 +46,8 @@ class DraftLength:
 
     def _verify_time(self, n: int) -> float:
         pts = sorted(self.t_verify.items())
+        if not pts:  # nothing measured yet: any unit will do
+            return 1.0 + 0.05 * n
         if len(pts) == 1:
             (n0, t0), = pts
             return t0 * (1 + 0.05 * (n - n0))
@@ -55,10 +62,19 @@ class DraftLength:
         tokens = sum(b ** i for i in range(g + 1))
         return tokens / ((g + b ** g) * (self.t_draft or 0.0) + self._verify_time(g + 1) + self.t_other)
 
+    def plain_speed(self) -> float:
+        """Tokens per second without drafting: one step of every model per token."""
+        return 1.0 / ((self.t_draft or 0.0) + self._verify_time(1) + self.t_other)
+
     def next(self) -> int:
+        """The next cycle's g; 0 (plain fused decoding) while drafting does not pay, with a
+        drafting cycle every ``probe_every`` cycles to keep measuring the acceptance rate."""
         if self.start:
             g = min(self.start.pop(0), self.g_max)
         else:
             g = max(range(1, self.g_max + 1), key=self.expected_speed)
+            if self.expected_speed(g) < self.plain_speed() and self._plain_run < self.probe_every:
+                g = 0
+        self._plain_run = self._plain_run + 1 if g == 0 else 0
         self.history.append(g)
         return g
