@@ -300,11 +300,13 @@ def plot_heatmap(rep: LawReport, path: str | Path) -> Path:
         kk[idx[p["llm"]], idx[p["slm"]]] = p["ppl"]["k_star"]
     fig, ax = plt.subplots(figsize=(1.3 * len(order) + 2.5, 1.1 * len(order) + 1.8))
     im = ax.imshow(g, cmap="viridis")
+    lo_g = float(np.nanmin(g)) if np.isfinite(g).any() else 0.0
+    span = (float(np.nanmax(g)) - lo_g) if np.isfinite(g).any() else 1.0
     for i in range(len(order)):
         for j in range(len(order)):
             if not np.isnan(g[i, j]):
                 ax.text(j, i, f"{g[i, j]:.2f}%\nk*={kk[i, j]:.3g}", ha="center", va="center", fontsize=7,
-                        color="w" if g[i, j] < np.nanmax(g) * 0.6 else "k")
+                        color="w" if (g[i, j] - lo_g) < 0.5 * span else "k")
     ax.set_xticks(range(len(order)), order, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(order)), order, fontsize=8)
     ax.set_xlabel("SLM")
