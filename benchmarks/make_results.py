@@ -90,8 +90,9 @@ tokens of context (the "large" head) and with 4-7 tokens (a weaker head), BOS on
 The curve has {len(curve.thresholds):,} exchange thresholds. Compared with a brute-force argmax of
 w p_L + (1 - w) p_S at 10,001 evenly spaced w in [0, 1]: **{mism} mismatches**
 (`tests/test_accuracy.py` asserts 0). Next-token accuracy: large head {curve.acc_llm:.4f}, small head
-{curve.acc_slm:.4f}; the exact optimum k = {best.k:.4g} gives {best.accuracy:.4f}
-(the best of the 10,001 grid points: {int(grid_best) / curve.n:.4f}).
+{curve.acc_slm:.4f}. The exact optimum is the segment k > {best.k_range[0]:.4g}, where the fused model equals the
+large head ({best.accuracy:.4f}; the best of the 10,001 grid points: {int(grid_best) / curve.n:.4f}): for this
+pair no weight improves next-token accuracy, and the curve dips to {float(gain.min()):.2f} pt at small k.
 
 ![exact accuracy gain](img/accuracy_curve_stories260k.png)
 """
@@ -193,13 +194,24 @@ def law_section() -> tuple[str, list[dict]]:
 
 
 def answers(law_reps: list[dict], task_reps: list[dict]) -> str:
-    lines = ["## 4. The paper's claims, answered from these numbers", ""]
+    lines = ["## 4. The paper's claims, answered from these numbers", "",
+             "The SLM families the paper studies (Table 2, Section 5.3) wait for the trainer's models (section 5); "
+             "the only real family with real parameter ratios here is the four CIFAR ResNets.", ""]
     for rep in law_reps:
         f = rep["fit"]
         pairs = rep["pairs"]
         name = rep["data"].get("setting")
         slope = f.get("slope")
-        grow = ("yes" if slope is not None and slope > 0 else "no") if slope is not None else "no fit"
+        r2 = f.get("r2") or 0.0
+        ks = [p["ppl"]["k_star"] for p in pairs if isinstance(p["ppl"]["k_star"], float) and math.isfinite(p["ppl"]["k_star"])]
+        if slope is None:
+            grow = "no fit"
+        elif slope > 0 and r2 >= 0.5:
+            grow = "yes"
+        elif slope > 0:
+            grow = (f"only weakly: k* lies between {min(ks):.3g} and {max(ks):.3g}, nearly flat" if ks else "only weakly")
+        else:
+            grow = "no"
         falls = [p["gain_falls_past_k_star"] for p in pairs if p["gain_falls_past_k_star"] is not None]
         neg = [p["gain_negative_inside_domain"] for p in pairs if p["gain_negative_inside_domain"] is not None]
         acc_worse = sum(bool(p["acc"]["worse_somewhere"]) for p in pairs)
@@ -212,26 +224,38 @@ def answers(law_reps: list[dict], task_reps: list[dict]) -> str:
                   "(it must: the NLL is convex in w).",
                   f"- Is the perplexity gain ever negative inside the improvement domain? "
                   f"{'yes, in ' + str(sum(neg)) + ' pair(s)' if any(neg) else 'no'} (convexity forbids it; a check of the code).",
-                  f"- Accuracy (exact curve, k chosen on the same examples: an oracle, not a held-out result): best gains "
-                  + ", ".join(f"{p['acc']['gain_pt']:+.2f}" for p in pairs) + " pt; the fused model is below the LLM "
-                  f"somewhere in {acc_worse}/{len(pairs)} pairs, always below the accuracy k_min ("
-                  + ", ".join(fk(p['acc']['k_min']) for p in pairs) + "), as Theorem A.2.7 describes; the improvement "
-                  "set is split into " + ", ".join(str(p['acc']['better_segments']) for p in pairs)
-                  + " separate k-intervals (the theorem's single window holds only where that is 1).",
+                  f"- Accuracy (exact curve; the best k is chosen on the same examples, an oracle, not a held-out "
+                  "result): best gains " + ", ".join(f"{p['acc']['gain_pt']:+.2f}" for p in pairs) + " pt. The fused "
+                  f"model falls below the LLM for some k in {acc_worse}/{len(pairs)} pairs; the k above which it never "
+                  "does (accuracy k_min) is " + ", ".join(fk(p['acc']['k_min']) for p in pairs) + ", and the set of k "
+                  "where it is better is split into " + ", ".join(str(p['acc']['better_segments']) for p in pairs)
+                  + " intervals: Theorem A.2.7's picture (one improvement window, one peak) holds exactly only where "
+                  "that is 1.",
+                  "- Mainstay deviation (the 10 most frequent target classes, Theorem A.2.2): the SLM predicts a class "
+                  "more often than the LLM in " + ", ".join(f"{p['mainstay']['slm_predicts_more']}/{p['mainstay']['top']}" for p in pairs)
+                  + " classes and gets more of it right in " + ", ".join(f"{p['mainstay']['slm_more_right']}/{p['mainstay']['top']}" for p in pairs)
+                  + " (per class counts and precisions in law.json). Predicting a class more often is common; getting more of it right "
+                  "needs the theorem's second assumption (a small LLM precision edge), which holds for fewer classes.",
                   f"- Where this disagrees with the paper: the relation of k* to r is {'weak' if (f.get('r2') or 0) < 0.5 else 'clear'} "
                   f"(R² {fk(f.get('r2'))} over r from {min(p['r'] for p in pairs):.2f} to {max(p['r'] for p in pairs):.2f}); "
                   "k* stays near 1 for every pair, and the perplexity gains (tens of %) dwarf the paper's because these "
-                  "ResNets are badly calibrated on the JPEG re-encodes (NLL about 0.9 nats per image), so any mixture helps."
+                  "ResNets are badly calibrated on the JPEG re-encodes (NLL about 0.9 nats per image), so any mixture helps. "
+                  "The accuracy gains (+1.5 to +2.0 pt at the oracle k) exceed the paper's CIFAR-10 column (0.17-0.85 %), "
+                  "from a lower baseline (81-83 % here against 90-95 % there)."
                   if name == "resnet-cifar10" else
                   f"- Fit quality: R² {fk(f.get('r2'))}.",
                   ""]
+    if task_reps:
+        lines += ["**Tasks** (SmolLM2-135M fused; k chosen on the validation part, change on the test part):", ""]
     for rep in task_reps:
         for key, f in rep.get("fused", {}).items():
             if "test" in f and "ci_low" in f["test"]:
                 t = f["test"]
                 real = "a real gain" if t["ci_low"] > 0 else ("a real loss" if t["ci_high"] < 0 else "not distinguishable from noise")
                 lines.append(f"- {rep['task']} {key}: fused change {100 * t['delta']:+.2f} pt, 95% CI "
-                             f"[{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}] on {t['n']} test examples: {real}.")
+                             f"[{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}] on {t['n']} test examples: {real}"
+                             f" (k = {fk(f['k'])} chosen on {f['valid']['n']} validation examples; the best k on the test "
+                             f"part itself would give {100 * f['test_oracle']['gain']:+.2f} pt).")
     return "\n".join(lines) + "\n"
 
 

@@ -57,7 +57,8 @@ def mainstay_deviation(pred_large, pred_small, target, top: int = 10) -> dict:
     return {"top": len(rows), "classes": rows,
             "slm_predicts_more": len(more), "slm_more_right": sum(r["slm_more_right"] for r in rows),
             "assumption_holds": sum(r["assumption_holds"] for r in rows),
-            "theorem_checks": all(r["slm_more_right"] for r in rows if r["assumption_holds"])}
+            "theorem_checks": all(r["slm_more_right"] for r in rows if r["assumption_holds"]),  # implied by the algebra
+            "note": "assumption_holds = n_S > n_L and P_L / P_S < n_S / n_L, which implies right_S > right_L"}
 
 
 # ---- one pair -----------------------------------------------------------------------------
