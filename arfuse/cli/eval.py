@@ -107,7 +107,8 @@ def print_report(report) -> None:
     con = Console() if sys.stdout.isatty() else Console(width=160)  # piped output: do not wrap at 80
     data = report.data
     head = (f"[bold]{data['name']}[/bold] ({data['scored']['tokens']:,} tokens scored, {data['chars']:,} characters; "
-            f"{data['source']})\n{report.windowing}; BOS {', '.join('on' if b else 'off' for b in report.bos)}")
+            f"{data['source']})\n{report.windowing}; BOS "
+            + ", ".join(f"{'on' if b else 'off'} for {m['name']}" for b, m in zip(report.bos, report.models)))
     con.print(head)
     t = Table(show_lines=False)
     for col, just in [("model", "left"), ("params", "right"), ("token PPL", "right"), ("word PPL", "right"),
