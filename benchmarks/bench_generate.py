@@ -266,6 +266,32 @@ def main(argv=None) -> int:
     n = args.new_tokens
     hf_llm, hf_slm = llm.model, slm.model
 
+    # ---- what one pass costs: the LLM over T new tokens (as when verifying T - 1 drafts), the SLM over one --
+    from arfuse.generation.state import ModelState
+
+    ctx = torch.tensor([llm.encode(PROMPTS[0] + " with the invention of movable type in Mainz").ids])
+    st_l, st_s = ModelState(llm), ModelState(slm)
+    st_l.feed(ctx)
+    st_s.feed(ctx)
+    times = {T: [] for T in (1, 2, 3, 5, 9)}
+    t_slm = []
+    for _ in range(5):
+        for T in times:
+            t1 = time.perf_counter()
+            st_l.feed(ctx[:, :T])
+            times[T].append(time.perf_counter() - t1)
+            st_l.rollback(T, torch.tensor([0]))
+        t1 = time.perf_counter()
+        st_s.feed(ctx[:, :1])
+        t_slm.append(time.perf_counter() - t1)
+        st_s.rollback(1, torch.tensor([0]))
+    med = {T: statistics.median(v) for T, v in times.items()}
+    report["pass_cost"] = {"llm_ms_by_tokens": {T: round(1000 * v, 1) for T, v in med.items()},
+                           "llm_relative_to_one_token": {T: round(v / med[1], 3) for T, v in med.items()},
+                           "slm_one_token_ms": round(1000 * statistics.median(t_slm), 1),
+                           "slm_relative_to_llm_step": round(statistics.median(t_slm) / med[1], 3)}
+    log(f"pass cost: {report['pass_cost']}")
+
     # warm-up: first calls allocate and build kernels
     hf_generate(hf_llm, tok, PROMPTS[:1], 4)
     ours(llm, slm, PROMPTS[:1], 4, w)
@@ -376,6 +402,11 @@ def print_report(r: dict) -> None:
             xa = f"{v['x_hf_assisted']:.3f}" if "x_hf_assisted" in v else "-"
             extra = f"  acceptance {v['acceptance_rate']:.3f}" if v.get("acceptance_rate") is not None else ""
             print(f"{k:58s} {v['tokens_per_s']:9.2f} {v['x_llm_alone']:12.3f} {xa:>14s}{extra}")
+    if "pass_cost" in r:
+        pc = r["pass_cost"]
+        print("\none LLM pass over T new tokens (median of 5, ms): " + ", ".join(
+            f"T={T}: {ms} ({pc['llm_relative_to_one_token'][T]}x)" for T, ms in pc["llm_ms_by_tokens"].items())
+              + f"; one SLM step: {pc['slm_one_token_ms']} ms ({pc['slm_relative_to_llm_step']}x an LLM step)")
     print(f"\nacceptance against g (prompt {r['acceptance_vs_g']['prompt']!r}, {r['acceptance_vs_g']['new_tokens']} tokens)")
     print(f"{'mode':14s} {'g':>3s} {'acceptance':>11s} {'tokens/LLM pass':>16s} {'tokens/s':>9s}")
     for row in r["acceptance_vs_g"]["rows"]:
