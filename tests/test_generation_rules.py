@@ -130,7 +130,7 @@ def test_cosine_generation_greedy_and_speculative(models):
 def test_cli_generate_streams_the_fused_text(models, tiny_models, capsys):
     L, S = models
     rc = cli_main(["generate", "--large", tiny_models["large"], "--small", tiny_models["small"], "--weight", "0.5",
-                   "--max-new-tokens", "9", "--speculative", "2", "--stats", "A stitch"])
+                   "--max-new-tokens", "9", "--speculative", "2", "--threads", "1", "--stats", "A stitch"])
     out, err = capsys.readouterr()
     assert rc == 0
     ref = generate("A stitch", large=L, small=S, weight=0.5, max_new_tokens=9)
