@@ -4,8 +4,9 @@
 (b) with the cache warm, eval at a new weight is at least 100x faster than rescoring
 (c) the exact weight search over 1,000,000 cached positions takes under 1 s
 (d) peak memory while scoring is the same at two corpus lengths (one 4x the other) within 10%
+    (the peak above the loaded model's resident memory, each length in a fresh process)
 
-Usage: python benchmarks/bench_core.py [--large smollm2-135m] [--small demo] [--chars 20000]
+Usage: python benchmarks/bench_core.py [--large smollm2-135m] [--small demo] [--data kjv --offset 3900000 --chars 20000]
 `--small demo` is the King James SLM that `make demo` trains and caches.
 Prints a table and writes benchmarks/results/bench_core.json.
 """
@@ -35,29 +36,39 @@ def _small_spec(spec: str) -> str:
     return str(ensure_demo_slm())
 
 
-def _peak_rss_of_scoring(model: str, data: str, window: int, stride: int) -> tuple[float, float]:
-    """Peak resident memory (MiB) of a fresh process: after loading the model and data, and after scoring."""
+def _peak_rss_of_scoring(model: str, data: str, window: int, stride: int) -> tuple[float, float, int]:
+    """Resident memory (MiB) of a fresh process after loading the model and data, and its peak while scoring.
+
+    The kernel's high-water mark (VmHWM) is reset after loading (/proc/self/clear_refs), so the
+    peak is that of scoring alone, not of loading the weights.
+    """
     code = f"""
-import json, resource, sys
+import json
 from arfuse.adapters import load_model
 from arfuse.scoring.scorer import ScoreConfig, score
 from arfuse.tasks.data import load_dataset
+def status(field):
+    for line in open('/proc/self/status'):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
 m = load_model({model!r}); d = load_dataset({data!r}); m.encode(d.documents[0][:1000])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open('/proc/self/clear_refs', 'w').write('5')   # reset the peak to the current RSS
+loaded = status('VmRSS')
 rec = score(m, d, ScoreConfig(window={window}, stride={stride}, bos="never"), use_cache=False, progress=False)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps([before / 1024, after / 1024, len(rec)]))
+print(json.dumps([loaded, status('VmHWM'), len(rec)]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    before, after, n = json.loads(out.stdout.strip().splitlines()[-1])
-    return before, after, n
+    loaded, peak, n = json.loads(out.stdout.strip().splitlines()[-1])
+    return loaded, peak, n
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--large", default="smollm2-135m")
     ap.add_argument("--small", default="demo")
-    ap.add_argument("--data", default="wikitext2-raw-test")
+    ap.add_argument("--data", default="kjv", help="default: held-out King James text, where the SLM helps, so the "
+                    "search in (c) has an interior optimum")
+    ap.add_argument("--offset", type=int, default=3_900_000, help="first character (kjv: inside the held-out 10%%)")
     ap.add_argument("--chars", type=int, default=20000, help="characters scored in (a), (b), and the short run of (d)")
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
@@ -71,7 +82,7 @@ def main() -> int:
     from arfuse.tasks.perplexity import EvalConfig, evaluate
 
     small = _small_spec(args.small)
-    data = f"{args.data}[:{args.chars}]"
+    data = f"{args.data}[{args.offset}:{args.offset + args.chars}]"
     cfg = ScoreConfig(window=args.window, stride=args.stride, bos="never")
     # load both models once (loading is not scoring; converted GGUF folders stay in the user's cache)
     ds = load_dataset(data)
@@ -117,9 +128,9 @@ def main() -> int:
     # (d) peak memory of scoring N and 4N characters, each in a fresh process, no cache
     mem = {}
     for n in (args.chars, 4 * args.chars):
-        mem[n] = _peak_rss_of_scoring(args.large, f"{args.data}[:{n}]", args.window, args.stride)
+        mem[n] = _peak_rss_of_scoring(args.large, f"{args.data}[{args.offset}:{args.offset + n}]", args.window, args.stride)
     (b1, a1, n1), (b4, a4, n4) = mem[args.chars], mem[4 * args.chars]
-    ratio_d = a4 / a1
+    ratio_d = (a4 - b4) / (a1 - b1)   # what scoring adds on top of the loaded model, long / short
 
     results = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
@@ -132,7 +143,7 @@ def main() -> int:
               "domain_w": dom, "goal": "< 1 s", "pass": t_search < 1.0},
         "d": {"short": {"chars": args.chars, "tokens": n1, "rss_loaded_mib": b1, "rss_peak_mib": a1},
               "long": {"chars": 4 * args.chars, "tokens": n4, "rss_loaded_mib": b4, "rss_peak_mib": a4},
-              "ratio": ratio_d, "goal": "within 10%", "pass": abs(ratio_d - 1) <= 0.10},
+              "ratio": ratio_d, "ratio_whole_process": a4 / a1, "goal": "within 10%", "pass": abs(ratio_d - 1) <= 0.10},
         "fused_at_w0.8_token_ppl": rep.rows[-1].metrics["token_ppl"],
     }
     print(f"bench_core: {results['large']} + {results['small']} on {data} ({results['tokens']:,} tokens; {cfg.describe()})")
@@ -142,7 +153,8 @@ def main() -> int:
           f"-> {speedup_b:.0f}x faster (goal >= 100): {'PASS' if results['b']['pass'] else 'FAIL'}")
     print(f"(c) exact search over 1,000,000 positions: {t_search * 1000:.1f} ms ({opt.iterations} Newton steps, "
           f"w = {opt.w:.6f}) (goal < 1 s): {'PASS' if results['c']['pass'] else 'FAIL'}")
-    print(f"(d) peak RSS scoring {n1:,} tokens {a1:.0f} MiB, {n4:,} tokens {a4:.0f} MiB -> {ratio_d:.3f}x "
+    print(f"(d) model loaded {b1:.0f} MiB; peak while scoring {n1:,} tokens {a1:.0f} MiB (+{a1 - b1:.0f}), "
+          f"{n4:,} tokens {a4:.0f} MiB (+{a4 - b4:.0f}) -> scoring's own peak {ratio_d:.3f}x; whole process {a4 / a1:.3f}x "
           f"(goal within 10%): {'PASS' if results['d']['pass'] else 'FAIL'}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))

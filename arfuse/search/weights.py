@@ -102,17 +102,31 @@ def improvement_domain(lp_large: np.ndarray, lp_small: np.ndarray, opt: OptimumR
     opt = opt or optimal_weight(lp_large, lp_small)
     if opt.w >= 1.0:
         return None
-    target = mixture_nll(lp_large, lp_small, 1.0)
-    lo, hi = 0.0, opt.w  # f(lo) >= target > f(hi) unless the SLM is better everywhere
-    if mixture_nll(lp_large, lp_small, 0.0) < target:
+    # with e = p_S / p_L: f(w) - f(1) = -sum log(1 + (1 - w)(e - 1)) =: g(w), convex, g(1) = 0,
+    # g(w*) < 0; the domain's left end is the root of g in [0, w*), found by bracketed Newton
+    em1 = np.expm1(_d(lp_large, lp_small))  # e - 1, exact for e near 1
+
+    def g_and_slope(w: float) -> tuple[float, float]:
+        z = 1.0 + (1.0 - w) * em1
+        return -float(np.log(z).sum()), float((em1 / z).sum())
+
+    if g_and_slope(0.0)[0] < 0:  # the SLM alone is better than the LLM alone
         return (0.0, 1.0)
-    while hi - lo > tol:
-        mid = 0.5 * (lo + hi)
-        if mixture_nll(lp_large, lp_small, mid) < target:
-            hi = mid
+    lo, hi = 0.0, opt.w          # g(lo) >= 0 > g(hi)
+    w = lo
+    for _ in range(200):
+        g, s = g_and_slope(w)
+        if g >= 0:
+            lo = w
         else:
-            lo = mid
-    return (hi, 1.0)
+            hi = w
+        step = w - g / s if s != 0 else math.nan
+        w_new = step if lo < step < hi else 0.5 * (lo + hi)
+        if abs(w_new - w) < tol or hi - lo < tol:
+            w = w_new
+            break
+        w = w_new
+    return (max(w, hi) if g_and_slope(w)[0] >= 0 else w, 1.0)
 
 
 def gain_curve(lp_large: np.ndarray, lp_small: np.ndarray, ks: np.ndarray) -> np.ndarray:
