@@ -63,3 +63,18 @@ def test_em_on_the_simplex_matches_a_grid():
     # two models: EM and Newton agree
     w2, _, _ = optimal_weights_em(lps[:2])
     assert w2[0] == pytest.approx(optimal_weight(lps[0], lps[1]).w, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(1, 5))
+def test_domain_left_end_is_the_crossing_on_either_side(seed):
+    """Fused NLL is above the LLM's just left of w_min and below it just right (Newton's root)."""
+    from arfuse.search.weights import improvement_domain, mixture_nll, optimal_weight
+
+    rng = np.random.default_rng(seed)
+    a = np.log(rng.uniform(0.01, 1, 20000))
+    b = np.log(rng.uniform(0.001, 0.4 + 0.1 * seed, 20000))
+    opt = optimal_weight(a, b)
+    w_min, w_max = improvement_domain(a, b, opt)
+    assert 0 < w_min < opt.w < w_max == 1.0
+    f1 = mixture_nll(a, b, 1.0)
+    assert mixture_nll(a, b, w_min + 1e-8) < f1 < mixture_nll(a, b, w_min - 1e-8)

@@ -126,7 +126,7 @@ def improvement_domain(lp_large: np.ndarray, lp_small: np.ndarray, opt: OptimumR
             w = w_new
             break
         w = w_new
-    return (max(w, hi) if g_and_slope(w)[0] >= 0 else w, 1.0)
+    return (w, 1.0)  # the root of g to within tol
 
 
 def gain_curve(lp_large: np.ndarray, lp_small: np.ndarray, ks: np.ndarray) -> np.ndarray:
