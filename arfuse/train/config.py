@@ -40,7 +40,7 @@ FAMILIES = ("gpt2", "llama")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
 # fields that change nothing in the trained weights: a rerun may change them and still resume
 RUN_ONLY = {"out", "eval_every", "eval_tokens", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
-            "device", "threads", "progress"}
+            "device", "threads", "progress", "max_minutes"}
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,7 @@ class TrainConfig:
     grad_accum: int = 1
     epochs: float = 3.0
     max_steps: int | None = None    # optimiser steps; overrides epochs when given
+    max_minutes: float | None = None  # wall-clock guard: stop (validate, checkpoint, export) past it
     sampling: str = "random"        # random blocks, or sequential with the RNN state carried
     # run
     seed: int = 42
@@ -131,6 +132,8 @@ class TrainConfig:
                      "grad_accum", "max_vocab", "min_freq", "eval_tokens", "eval_batch_size", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 bad(name, "must be at least 1")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            bad("max_minutes", "must be positive (or left out)")
         for name in ("max_steps", "eval_every", "checkpoint_every", "threads"):
             v = getattr(self, name)
             if v is not None and v < 1:

@@ -65,16 +65,9 @@ class VocabMap:
         table[self.active] = np.arange(len(self.active))
         return table[ids]
 
-    def logit_offset(self) -> torch.Tensor | None:
-        """(model_size,) added to the logits in the loss: log(#unseen) on the shared slot."""
-        if self.active is None:
-            return None
-        off = torch.zeros(self.model_size)
-        off[-1] = math.log(self.n_unseen)
-        return off
-
     def target_correction(self) -> float:
-        """Log-probability to subtract from a target mapped to the shared slot (one token of many)."""
+        """log(#unseen): added to the shared slot's logit in the loss, and subtracted from the
+        log-probability of a target mapped to it (one token of many)."""
         return math.log(self.n_unseen) if self.n_unseen else 0.0
 
     def expand_rows(self, t: torch.Tensor) -> torch.Tensor:

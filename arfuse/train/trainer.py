@@ -45,6 +45,8 @@ class TrainResult:
     resumed_from: int = 0           # the step a resumed run started from
     already_done: bool = False
     meta: dict = field(default_factory=dict)
+    step_seconds: float = 0.0       # time spent in optimiser steps only (no validation, no checkpoints)
+    tokens: int = 0                 # training tokens processed by this invocation
 
     @property
     def val_ppl(self) -> float:
@@ -142,11 +144,18 @@ def get_lr(cfg: TrainConfig, step: int, total: int) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def loss_fn(logits: torch.Tensor, y: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-    """Mean cross-entropy of (B, T, V) logits; ``offset`` adds log(#unseen) to the shared slot."""
+def add_shared_offset(logits: torch.Tensor, shared_offset: float) -> torch.Tensor:
+    """Float32 logits with log(#unseen) added to the shared slot (the last row), in place: the
+    output layer's backward does not need its output, and a copy of (B, T, V) would cost more."""
     logits = logits.float()
-    if offset is not None:
-        logits = logits + offset
+    if shared_offset:
+        logits[..., -1] += shared_offset
+    return logits
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, shared_offset: float) -> torch.Tensor:
+    """Mean cross-entropy of (B, T, V) logits, the shared slot standing for its unseen tokens."""
+    logits = add_shared_offset(logits, shared_offset)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
@@ -159,8 +168,6 @@ def estimate_loss(model: TrainModel, ids: torch.Tensor, cfg: TrainConfig, vmap: 
     """
     was_training = model.training
     model.eval()
-    offset = vmap.logit_offset()
-    offset = offset.to(device) if offset is not None else None
     shared = vmap.model_size - 1 if vmap.compact else -1
     corr = vmap.target_correction()
     ids = ids[: cfg.eval_tokens + 1]
@@ -169,9 +176,7 @@ def estimate_loss(model: TrainModel, ids: torch.Tensor, cfg: TrainConfig, vmap: 
     def add(x, y, state):
         nonlocal total, count
         logits, state = model(x.to(device), state)
-        logits = logits.float()
-        if offset is not None:
-            logits = logits + offset
+        logits = add_shared_offset(logits, corr)
         lp = torch.log_softmax(logits, dim=-1).gather(-1, y.to(device)[..., None])[..., 0]  # (B, T)
         nll = -lp.double()
         if shared >= 0:
@@ -333,8 +338,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=print) -> Train
     decay = cfg.weight_decay if cfg.optimizer == "adamw" else 0.0
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=decay)
-    offset = vmap.logit_offset()
-    offset = offset.to(device) if offset is not None else None
+    offset = vmap.target_correction()  # log(#unseen), 0.0 without compaction
 
     meta = {
         "format": ckpt.FORMAT, "status": "training", "run_id": rid, "arch": cfg.arch,
@@ -354,27 +358,33 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=print) -> Train
     out.mkdir(parents=True, exist_ok=True)
     ckpt.clean_partial(out)
     step, history, resumed_from, state = 0, [], 0, None
-    loss_sum, loss_n, tokens_done = 0.0, 0, 0
+    loss_sum, loss_n, tokens_done, prior_seconds = 0.0, 0, 0, 0.0
     last = ckpt.list_checkpoints(out)
     if last:
         tensors, st = ckpt.load_checkpoint(last[-1], model, opt)
         step, history, resumed_from = st["step"], st["history"], st["step"]
         loss_sum, loss_n = st.get("loss_sum", 0.0), st.get("loss_n", 0)
+        prior_seconds = st.get("train_seconds", 0.0)
         torch.set_rng_state(tensors["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in tensors:
+            torch.cuda.set_rng_state(tensors["cuda_rng"], device)
         if "rnn_state.0" in tensors:
             state = tuple(tensors[f"rnn_state.{i}"].to(device) for i in range(st["rnn_state_parts"]))
             state = state[0] if len(state) == 1 else state
         log(f"resuming {out} from step {step:,} of {total:,}")
     else:
         ckpt.write_json(out / ckpt.META, meta)
-        torch.manual_seed(cfg.seed)  # the batch RNG state does not depend on how the model was built
+        torch.manual_seed(cfg.seed)  # dropout's random stream starts at the seed, whatever the init drew
         log(f"training {cfg.arch} ({meta['num_parameters']:,} parameters; {model.num_parameters():,} trained, "
             f"vocabulary {vmap.model_size:,} of {vmap.full_size:,} rows) on {len(train_ids):,} tokens of {cfg.data}: "
             f"{total:,} steps of {meta['tokens_per_step']:,} tokens into {out}")
 
     def save(step_: int):
         tensors = {"torch_rng": torch.get_rng_state()}
-        extra = {"history": history, "loss_sum": loss_sum, "loss_n": loss_n}
+        if device.type == "cuda":
+            tensors["cuda_rng"] = torch.cuda.get_rng_state(device)
+        extra = {"history": history, "loss_sum": loss_sum, "loss_n": loss_n,
+                 "train_seconds": prior_seconds + time.time() - t0}
         if state is not None:
             parts = state if isinstance(state, tuple) else (state,)
             tensors.update({f"rnn_state.{i}": p.detach().cpu() for i, p in enumerate(parts)})
@@ -400,13 +410,15 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=print) -> Train
     from arfuse.progress import token_progress
 
     t0 = time.time()
+    step_seconds, stopped, eval_seconds = 0.0, False, 0.0
     det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
         with token_progress(f"training {out.name}", total, step, enabled=use_bar, unit="step") as advance:
-            while step < total:
+            while step < total and not stopped:
+                t_step = time.time()
                 lr = get_lr(cfg, step, total)
                 for g in opt.param_groups:
                     g["lr"] = lr
@@ -428,22 +440,34 @@ def train(cfg: TrainConfig, *, progress: bool | None = None, log=print) -> Train
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 advance(1)
-                if step % eval_every == 0 or step == total:
+                step_seconds += time.time() - t_step
+                # stop where the time left would not cover the next steps' share and a last validation
+                if cfg.max_minutes and step < total and \
+                        prior_seconds + time.time() - t0 + eval_seconds + 2 * (time.time() - t_step) > 60 * cfg.max_minutes:
+                    stopped = True
+                    log(f"stopping at step {step:,} of {total:,}: the {cfg.max_minutes:g}-minute limit (max_minutes) "
+                        "is reached")
+                if step % eval_every == 0 or step == total or stopped:
+                    t_eval = time.time()
                     evaluate(step, loss_sum / max(1, loss_n), t0, tokens_done)
+                    eval_seconds = time.time() - t_eval
                     loss_sum, loss_n = 0.0, 0
-                if step % ckpt_every == 0 or step == total:
+                if step % ckpt_every == 0 or step == total or stopped:
                     save(step)
     finally:
         torch.use_deterministic_algorithms(det)
         torch.set_num_threads(threads_before)
     val = history[-1]["val_loss"]
     meta.update(status="complete", step=step, val_loss=val, val_ppl=math.exp(min(val, 50)), history=history)
+    if step < total:
+        meta["stopped_early"] = {"step": step, "reason": f"max_minutes = {cfg.max_minutes:g} reached"}
     meta["num_parameters"] = export_model(out, model, vmap, prep, cfg)
     ckpt.write_json(out / ckpt.META, meta)
     seconds = time.time() - t0
     log(f"done: {out} ({meta['num_parameters']:,} parameters), val loss {val:.4f}, perplexity {meta['val_ppl']:.2f}, "
         f"{_fmt_time(seconds)}")
-    return TrainResult(out, step, total, val, meta["num_parameters"], seconds, resumed_from, False, meta)
+    return TrainResult(out, step, total, val, meta["num_parameters"], seconds, resumed_from, False, meta,
+                       step_seconds=step_seconds, tokens=tokens_done)
 
 
 def _fmt_time(s: float) -> str:
