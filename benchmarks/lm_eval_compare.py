@@ -1,5 +1,6 @@
 """Run lm-evaluation-harness itself on SmolLM2-135M, offline, on the same local files arfuse reads.
 
+    .venv/bin/pip install -e '.[lm-eval]'     # once: lm-eval==0.4.13
     .venv/bin/python benchmarks/lm_eval_compare.py [--limit-lambada 200] [--limit-arc 200]
 
 Tasks are lm-eval's own lambada_openai, arc_easy and arc_challenge definitions (same prompt:
@@ -71,8 +72,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lm_eval_smollm2.json"))
     args = ap.parse_args()
 
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise SystemExit("lm-evaluation-harness is not installed: .venv/bin/pip install -e '.[lm-eval]' "
+                         "(lm-eval==0.4.13, the version these results were measured with)")
 
     from arfuse.adapters import load_model
     from arfuse.adapters.registry import resolve_alias
