@@ -224,9 +224,16 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-batch8", action="store_true")
     ap.add_argument("--rounds-b8", type=int, default=2, help="interleaved rounds of the batch-8 runs")
     ap.add_argument("--w-sweep", default="0.9,0.7,0.5", help="further weights for the speculation-vs-w table")
+    ap.add_argument("--prompts", metavar="FILE", help="prompts, one per line (at least 8), instead of the built-in "
+                    "general ones; benchmarks/prompts_kjv.txt holds verse openings from the held-out kjv[95%%:]")
     ap.add_argument("--json", help="write every number here")
     ap.add_argument("--save-slm", metavar="FOLDER", help="also save the built partner SLM as a Hugging Face folder")
     args = ap.parse_args(argv)
+    global PROMPTS
+    if args.prompts:
+        PROMPTS = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        if len(PROMPTS) < 8:
+            ap.error(f"--prompts {args.prompts}: {len(PROMPTS)} prompts, the batch-8 runs need at least 8")
     if args.threads:
         torch.set_num_threads(args.threads)
     from arfuse.adapters import load_model
@@ -235,7 +242,8 @@ def main(argv=None) -> int:
 
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     report: dict = {"threads": torch.get_num_threads(), "transformers": transformers.__version__,
-                    "torch": torch.__version__, "new_tokens": args.new_tokens, "decoding": "greedy"}
+                    "torch": torch.__version__, "new_tokens": args.new_tokens, "decoding": "greedy",
+                    "prompts": args.prompts or "built-in (general)"}
     t0 = time.time()
     llm = load_model(args.large)
     log(f"LLM {llm.info.name}: {llm.info.num_parameters / 1e6:.1f}M parameters ({time.time() - t0:.1f} s to load)")
@@ -269,7 +277,7 @@ def main(argv=None) -> int:
     # ---- what one pass costs: the LLM over T new tokens (as when verifying T - 1 drafts), the SLM over one --
     from arfuse.generation.state import ModelState
 
-    ctx = torch.tensor([llm.encode(PROMPTS[0] + " with the invention of movable type in Mainz").ids])
+    ctx = torch.tensor([llm.encode(" ".join(PROMPTS[:3])).ids[:9]])
     st_l, st_s = ModelState(llm), ModelState(slm)
     st_l.feed(ctx)
     st_s.feed(ctx)

@@ -128,6 +128,11 @@ def print_report(report) -> None:
     con.print(f"weights: {', '.join(f'{w:.6f}' for w in report.weights)} (LLM first); k = {_fmt_k(report.k)}; "
               f"parameter ratio r = {ratio}")
     con.print(f"weight source: {report.weight_source}")
+    if report.gain_ci:
+        ci = report.gain_ci
+        con.print(f"AR fused vs {report.models[0]['name']}: {ci['gain_pct']:+.3f}% token perplexity, "
+                  f"{100 * ci['level']:.0f}% interval [{ci['ci_low']:+.3f}, {ci['ci_high']:+.3f}]% "
+                  f"(paired bootstrap over {ci['blocks']:,} blocks of {ci['block_tokens']:,} tokens)")
     if report.domain_k:
         con.print(f"improvement domain on {data['name']}: k > {report.domain_k[0]:.4g} (w > {report.domain_w[0]:.6f}); "
                   f"k* = {_fmt_k(report.k_star)} there")

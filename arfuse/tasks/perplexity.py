@@ -12,7 +12,7 @@ from arfuse.scoring.records import TokenRecords
 from arfuse.scoring.scorer import ScoreConfig, score
 from arfuse.search import gain_curve, improvement_domain, optimal_weight, optimal_weights_em
 from arfuse.tasks.data import load_dataset
-from arfuse.tasks.metrics import perplexity_metrics
+from arfuse.tasks.metrics import bootstrap_ppl_gain, perplexity_metrics
 
 
 @dataclass
@@ -56,6 +56,7 @@ class EvalReport:
     k_star: float | None = None
     optimum_iterations: int | None = None
     curve: dict | None = None
+    gain_ci: dict | None = None      # block-bootstrap interval of the fused row's gain (arfuse.tasks.metrics)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -164,7 +165,8 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True, curve_points: int = 200)
                 "scored": valid_recs[0].totals} if valid else None),
         windowing=cfg.score.describe(), bos=[bool(r.meta["bos"]) for r in test_recs],
         weights=weights, k=w_to_k(weights[0]) if len(weights) == 2 else None,
-        weight_source=source, param_ratio=ratio, rows=rows, notes=notes)
+        weight_source=source, param_ratio=ratio, rows=rows, notes=notes,
+        gain_ci=bootstrap_ppl_gain(lps[0], linear(lps, weights), block=cfg.score.window))
     if len(models) == 2:
         # the improvement domain and the gain curve are properties of the reported (test) data
         opt_test = optimal_weight(lps[0], lps[1])
