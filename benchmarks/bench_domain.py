@@ -7,7 +7,7 @@ blocks of 1024 tokens. All scoring is lm-evaluation-harness's disjoint 1024-toke
 BOS, cached: a second run only recomputes the fusion (seconds).
 
     .venv/bin/python benchmarks/bench_domain.py \\
-        [--slm kjv=runs/kjv-slm --slm shakespeare=runs/shakespeare-slm --slm enwiki=runs/enwiki-slm]
+        [--slm kjv=runs/kjv-slm --slm shakespeare=runs/shakespeare-slm --slm enwiki=runs/zoo/enwiki-smollm2-2l256]
 
 Benchmarks (validation part -> test part): King James Bible and tiny Shakespeare, the held-out
 10% that no SLM trained on (kjv[90%:95%] -> kjv[95%:]); WikiText-2 (tokenized, the first 100,000
@@ -29,7 +29,7 @@ BENCHMARKS = {   # name: (validation part, test part, the corpus an SLM must hav
     "wikitext2": ("wikitext2-valid[:100000]", "wikitext2-test[:200000]", "enwiki"),
     "ptb": ("ptb-valid[:100000]", "ptb-test[:200000]", None),
 }
-DEFAULT_SLMS = ["kjv=runs/kjv-slm", "shakespeare=runs/shakespeare-slm", "enwiki=runs/enwiki-slm"]
+DEFAULT_SLMS = ["kjv=runs/kjv-slm", "shakespeare=runs/shakespeare-slm", "enwiki=runs/zoo/enwiki-smollm2-2l256"]
 
 
 def slm_info(folder: Path) -> dict:
@@ -85,7 +85,7 @@ def main() -> None:
             by = {r.kind: r for r in rep.rows}
             row = {"slm": name, "slm_info": info, "benchmark": bench, "valid": valid, "test": test,
                    "in_domain": home is not None and str(info["train_data"]).startswith(home),
-                   "tokens": rep.data["scored"].get("targets"), "llm_ppl": by["large"].metrics["token_ppl"],
+                   "tokens": rep.data["scored"]["tokens"], "llm_ppl": by["large"].metrics["token_ppl"],
                    "slm_ppl": by["small"].metrics["token_ppl"], "fused_ppl": by["fused"].metrics["token_ppl"],
                    "gain_pct": by["fused"].gain_pct, "gain_ci": rep.gain_ci, "w": rep.weights[0], "k": rep.k,
                    "r": rep.param_ratio[0], "k_star_test": rep.k_star,
