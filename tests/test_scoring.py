@@ -139,3 +139,22 @@ def test_cache_warning_is_a_warning_not_an_error():
         warnings.simplefilter("error")
         with pytest.raises(CacheWarning):
             warnings.warn("x", CacheWarning)
+
+
+def test_tokenizer_fingerprint_ignores_padding_and_truncation():
+    """transformers switches padding on in the backend tokenizer for padding=True: same tokens, same hash."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from arfuse.adapters.base import backend_fingerprint, fingerprint_json
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    before = backend_fingerprint(tok)
+    assert before == fingerprint_json(tok.to_str())      # unchanged for a plain tokenizer (cache keys stay)
+    tok.enable_padding(direction="left", pad_id=0, pad_token="<unk>")
+    tok.enable_truncation(max_length=8)
+    assert backend_fingerprint(tok) == before
+    assert tok.padding is not None                       # the caller's settings are left as they were
+    other = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "c": 2}, unk_token="<unk>"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert backend_fingerprint(other) != before

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from arfuse.adapters.base import CausalLM, Encoding, ModelInfo, file_sha256, fingerprint_json
+from arfuse.adapters.base import CausalLM, Encoding, ModelInfo, backend_fingerprint, file_sha256, fingerprint_json
 from arfuse.errors import ArfuseError
 
 
@@ -81,7 +81,7 @@ class ArfuseRNNLM(CausalLM):
 
     def tokenizer_fingerprint(self) -> str:
         if self._tok_fp is None:
-            self._tok_fp = fingerprint_json(self.tokenizer.backend_tokenizer.to_str())
+            self._tok_fp = backend_fingerprint(self.tokenizer.backend_tokenizer)
         return self._tok_fp
 
     @torch.no_grad()

@@ -104,6 +104,21 @@ def fingerprint_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def backend_fingerprint(backend) -> str:
+    """Hash of a ``tokenizers.Tokenizer``: vocabulary, merges, normalisation, pre-tokenisation, added
+    tokens. Padding and truncation are left out: a caller that batches with the tokenizer (as
+    transformers does for ``padding=True``) switches them on without changing any token."""
+    s = backend.to_str()
+    if backend.padding is not None or backend.truncation is not None:
+        from tokenizers import Tokenizer
+
+        plain = Tokenizer.from_str(s)
+        plain.no_padding()
+        plain.no_truncation()
+        s = plain.to_str()
+    return fingerprint_json(s)
+
+
 def file_sha256(path, chunk: int = 1 << 22) -> str:
     """SHA-256 of a file, memoised on (path, size, mtime) so big weights hash once."""
     import os

@@ -55,9 +55,9 @@ def _wrap(backend, spec: str, kind: str, **special) -> TrainTokenizer:
 
 def fingerprint_of(hf_tok) -> str:
     """The same hash as ``HFCausalLM.tokenizer_fingerprint`` computes for a model folder."""
-    from arfuse.adapters.base import fingerprint_json
+    from arfuse.adapters.base import backend_fingerprint
 
-    return fingerprint_json(hf_tok.backend_tokenizer.to_str())
+    return backend_fingerprint(hf_tok.backend_tokenizer)
 
 
 # ---- word level (the paper's 5.3) --------------------------------------------------------
