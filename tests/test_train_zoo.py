@@ -81,3 +81,9 @@ def test_repository_recipes_parse():
 
     demo = next(e.config for e in entries if e.name == "kjv-smollm2-2l256-demo")
     assert all(getattr(demo, k) == v for k, v in DEMO_RECIPE.items())
+
+
+def test_only_accepts_repeats_and_commas():
+    from arfuse.cli.train import _names
+
+    assert _names(["a,b", "c", " d , "]) == ["a", "b", "c", "d"] and _names(None) is None

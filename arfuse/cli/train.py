@@ -29,7 +29,7 @@ def register(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="a TOML or JSON file of options (command-line flags override it)")
     p.add_argument("--zoo", metavar="TOML", help="build every model of a zoo recipe (e.g. configs/zoo.toml)")
-    p.add_argument("--only", action="append", metavar="NAME", help="with --zoo: build only these entries (repeat)")
+    p.add_argument("--only", action="append", metavar="NAME", help="with --zoo: build only these entries (repeat, or comma-separated)")
     p.add_argument("--list", action="store_true", help="with --zoo: list the entries and their status, train nothing")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any option, e.g. --set lr=1e-3")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -67,9 +67,9 @@ def run(args) -> int:
         from arfuse.train.zoo import build_zoo, list_zoo
 
         if args.list:
-            list_zoo(args.zoo, only=args.only)
+            list_zoo(args.zoo, only=_names(args.only))
             return 0
-        results = build_zoo(args.zoo, only=args.only, overrides=overrides_from_args(args),
+        results = build_zoo(args.zoo, only=_names(args.only), overrides=overrides_from_args(args),
                             progress=None if not args.quiet else False, log=log)
         if args.json:
             print(json.dumps(results, indent=2))
@@ -89,3 +89,8 @@ def run(args) -> int:
         print(f"{res.path} is already trained ({res.num_parameters:,} parameters, {res.step:,} steps): "
               f"val loss {res.val_loss:.4f}, perplexity {res.val_ppl:.2f}; nothing to do")
     return 0
+
+
+def _names(only: list[str] | None) -> list[str] | None:
+    """--only a --only b and --only a,b alike."""
+    return None if not only else [n.strip() for item in only for n in item.split(",") if n.strip()]
