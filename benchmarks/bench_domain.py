@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import time
 from pathlib import Path
 
@@ -36,9 +37,8 @@ def slm_info(folder: Path) -> dict:
     """What the SLM's own arfuse.json and training log say about how it was made."""
     meta = json.loads((folder / "arfuse.json").read_text())
     log = [json.loads(x) for x in (folder / "train_log.jsonl").read_text().splitlines() if x.strip()]
-    data = meta.get("data", {})
     return {"folder": str(folder), "arch": meta.get("arch"), "num_parameters": meta.get("num_parameters"),
-            "train_data": (data.get("train") or {}).get("spec") if isinstance(data.get("train"), dict) else data,
+            "train_data": meta["data"]["train"]["spec"],
             "steps": meta.get("step"), "val_ppl": meta.get("val_ppl"),
             "train_minutes": round(log[-1]["elapsed_s"] / 60, 1) if log else None,
             "stopped_early": meta.get("stopped_early")}
@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "domain_gain.png"))
     args = ap.parse_args()
+
+    import torch
 
     from arfuse.scoring.scorer import ScoreConfig
     from arfuse.tasks.perplexity import EvalConfig, evaluate
@@ -98,10 +100,6 @@ def main() -> None:
                   f"  w {row['w']:.6f}  k {fmt(row['k'], 2)}  ({row['seconds']:.0f} s)", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    import platform
-
-    import torch
-
     result = {"large": args.large, "windowing": "disjoint windows of 1024 (lm-evaluation-harness rolling), BOS off",
               "command": "python benchmarks/bench_domain.py", "seconds": round(time.time() - t0, 1),
               "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows}

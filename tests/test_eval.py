@@ -7,7 +7,6 @@ import pytest
 
 from arfuse.adapters import load_model
 from arfuse.cli.main import main
-from arfuse.errors import ArfuseError
 from arfuse.fusion import linear
 from arfuse.scoring.scorer import ScoreConfig, score
 from arfuse.tasks.data import load_dataset

@@ -1,8 +1,6 @@
 """Fused generation on tiny in-process models: exactness of speculative decoding, batching, stops, streaming."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 

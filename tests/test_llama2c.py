@@ -35,19 +35,15 @@ ROUNDTRIP = ["Once upon a time", "", " ", "  two leading spaces", "trailing  ", 
 
 
 @pytest.fixture(scope="module")
-def lm() -> Llama2cLM:
-    if STORIES is None or not (STORIES / "stories260K.bin").exists():
-        pytest.skip("shared data (models/stories260K) not found: set ARFUSE_DATA")
-    return Llama2cLM(str(STORIES / "stories260K.bin"))
+def lm(shared_data) -> Llama2cLM:
+    return Llama2cLM(str(shared_data / "models" / "stories260K" / "stories260K.bin"))
 
 
 @pytest.fixture(scope="module")
-def lm64() -> Llama2cLM:
+def lm64(shared_data) -> Llama2cLM:
     """The same model computed in float64: batch shape changes results by ~1e-12 only, so
     masking and position logic can be checked tightly (float32 kernels vary by ~1e-5)."""
-    if STORIES is None or not (STORIES / "stories260K.bin").exists():
-        pytest.skip("shared data (models/stories260K) not found: set ARFUSE_DATA")
-    return Llama2cLM(str(STORIES / "stories260K.bin"), dtype="float64")
+    return Llama2cLM(str(shared_data / "models" / "stories260K" / "stories260K.bin"), dtype="float64")
 
 
 def reference_encode(tok: Llama2cTokenizer, text: str) -> list[int]:

@@ -1,13 +1,12 @@
 """Score a data set with one model, once, into cached per-token records."""
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from arfuse.adapters.base import CausalLM, fingerprint_json
+from arfuse.adapters.base import CausalLM
 from arfuse.errors import ArfuseError
 from arfuse.scoring.cache import ScoreCache
 from arfuse.scoring.records import TokenRecords

@@ -184,8 +184,7 @@ def _topk_block(t, lpl, lps, idl, lpkl, ids_, lpks, vocab_size):
     a_s_lo = np.broadcast_to(tl[:, None], (n, ks))            # ... or at 0
     b_s = ps_list - ts[:, None]
     valid_l, valid_s = not_t_l, not_t_s & ~in_l
-    tie_l = t[:, None] < idl
-    tie_s = t[:, None] < ids_
+    tie_l = t[:, None] < idl  # SLM-only tokens are bounded, not known: they never tie
     # a token in neither list: at most (min_l, min_s); exists unless the lists cover the vocabulary
     union = valid_l.sum(1) + valid_s.sum(1) + 1
     outside = np.ones(n, bool) if vocab_size is None else union < vocab_size

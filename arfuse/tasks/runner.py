@@ -206,7 +206,7 @@ def _fused_perplexity(conts, valid: np.ndarray, test: np.ndarray) -> dict:
     lpl = conts[0].records.logp.astype(np.float64)
     lps = conts[1].records.logp.astype(np.float64)
     req = conts[0].request
-    vmask, tmask = np.isin(req, valid), np.isin(req, test)
+    vmask = np.isin(req, valid)
     opt = optimal_weight(lpl[vmask], lps[vmask])
     fused = linear([lpl, lps], [opt.w, 1 - opt.w])
     n_req = conts[0].n_requests
