@@ -48,7 +48,7 @@ def fmt(x, nd=4):
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--large", default="smollm2-135m")
     ap.add_argument("--slm", action="append", metavar="NAME=FOLDER", help="an SLM (repeatable); default: "
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated benchmark names (default: all)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "domain_gain.png"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import torch
 
@@ -140,6 +140,7 @@ def main() -> None:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.plot, dpi=110)
         print(f"plot: {args.plot}")
+    return result
 
 
 if __name__ == "__main__":

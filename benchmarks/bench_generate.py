@@ -174,6 +174,24 @@ def export_partner(slm, folder: str) -> None:
     slm.tokenizer.save_pretrained(folder)
 
 
+def passages(spec: str, n: int, chars: int) -> list[str]:
+    """``n`` passages evenly spaced through data set ``spec``: each starts at a line start (a KJV verse)
+    and ends at the last space within ``chars`` characters, so the model continues mid-sentence."""
+    from arfuse.tasks.data import load_dataset
+
+    import re
+
+    text = "\n".join(load_dataset(spec).documents)
+    out = []
+    for i in range(n):
+        at = i * len(text) // n
+        m = re.compile(r"\n(?=\s*\d+ )").search(text, at)  # a numbered verse, else any line
+        a = (m.start() if m else text.find("\n", at)) + 1
+        p = text[a:a + chars]
+        out.append(p[:p.rfind(" ")])
+    return out
+
+
 # ---- timing -----------------------------------------------------------------------------------
 def nll_optimal_weight(llm, slm, n_chars: int = 6000) -> tuple[float, int]:
     """The exact NLL-optimal w on WikiText-2 valid-like text the partner never saw (PTB valid)."""
@@ -226,6 +244,10 @@ def main(argv=None) -> int:
     ap.add_argument("--w-sweep", default="0.9,0.7,0.5", help="further weights for the speculation-vs-w table")
     ap.add_argument("--prompts", metavar="FILE", help="prompts, one per line (at least 8), instead of the built-in "
                     "general ones; benchmarks/prompts_kjv.txt holds verse openings from the held-out kjv[95%%:]")
+    ap.add_argument("--passages", metavar="DATA", help="prompts: 8 passages of --passage-chars characters, evenly "
+                    "spaced through a data set (e.g. \"kjv[95%%:]\", the KJV SLM's held-out part), each from a line start "
+                    "and cut at a word boundary: continuing text of the SLM's domain, as a user of that fused model would")
+    ap.add_argument("--passage-chars", type=int, default=350)
     ap.add_argument("--json", help="write every number here")
     ap.add_argument("--save-slm", metavar="FOLDER", help="also save the built partner SLM as a Hugging Face folder")
     args = ap.parse_args(argv)
@@ -234,6 +256,8 @@ def main(argv=None) -> int:
         PROMPTS = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
         if len(PROMPTS) < 8:
             ap.error(f"--prompts {args.prompts}: {len(PROMPTS)} prompts, the batch-8 runs need at least 8")
+    if args.passages:
+        PROMPTS = passages(args.passages, 8, args.passage_chars)
     if args.threads:
         torch.set_num_threads(args.threads)
     from arfuse.adapters import load_model
@@ -241,9 +265,15 @@ def main(argv=None) -> int:
     import transformers
 
     log = lambda *a: print(*a, flush=True)  # noqa: E731
-    report: dict = {"threads": torch.get_num_threads(), "transformers": transformers.__version__,
+    import shlex
+
+    report: dict = {"command": "python benchmarks/bench_generate.py " + " ".join(
+                        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+                    "threads": torch.get_num_threads(), "transformers": transformers.__version__,
                     "torch": torch.__version__, "new_tokens": args.new_tokens, "decoding": "greedy",
-                    "prompts": args.prompts or "built-in (general)"}
+                    "prompts": (f"{len(PROMPTS)} passages of {args.passage_chars} characters from {args.passages}"
+                                if args.passages else args.prompts or "built-in (general)"),
+                    "prompt_texts": PROMPTS}
     t0 = time.time()
     llm = load_model(args.large)
     log(f"LLM {llm.info.name}: {llm.info.num_parameters / 1e6:.1f}M parameters ({time.time() - t0:.1f} s to load)")
@@ -275,30 +305,33 @@ def main(argv=None) -> int:
     hf_llm, hf_slm = llm.model, slm.model
 
     # ---- what one pass costs: the LLM over T new tokens (as when verifying T - 1 drafts), the SLM over one --
+    from arfuse.generation.kernels import small_row_linears
     from arfuse.generation.state import ModelState
 
     ctx = torch.tensor([llm.encode(" ".join(PROMPTS[:3])).ids[:9]])
-    st_l, st_s = ModelState(llm), ModelState(slm)
-    st_l.feed(ctx)
-    st_s.feed(ctx)
-    times = {T: [] for T in (1, 2, 3, 5, 9)}
-    t_slm = []
-    for _ in range(5):
-        for T in times:
-            t1 = time.perf_counter()
-            st_l.feed(ctx[:, :T])
-            times[T].append(time.perf_counter() - t1)
-            st_l.rollback(T, torch.tensor([0]))
-        t1 = time.perf_counter()
-        st_s.feed(ctx[:, :1])
-        t_slm.append(time.perf_counter() - t1)
-        st_s.rollback(1, torch.tensor([0]))
-    med = {T: statistics.median(v) for T, v in times.items()}
-    report["pass_cost"] = {"llm_ms_by_tokens": {T: round(1000 * v, 1) for T, v in med.items()},
-                           "llm_relative_to_one_token": {T: round(v / med[1], 3) for T, v in med.items()},
-                           "slm_one_token_ms": round(1000 * statistics.median(t_slm), 1),
-                           "slm_relative_to_llm_step": round(statistics.median(t_slm) / med[1], 3)}
-    log(f"pass cost: {report['pass_cost']}")
+    for label, on in (("pass_cost_stock", False), ("pass_cost", True)):  # F.linear; arfuse's generation kernels
+        with small_row_linears([llm, slm], on):
+            st_l, st_s = ModelState(llm), ModelState(slm)
+            st_l.feed(ctx)
+            st_s.feed(ctx)
+            times = {T: [] for T in (1, 2, 3, 4, 5, 9)}
+            t_slm = []
+            for _ in range(7):
+                for T in times:
+                    t1 = time.perf_counter()
+                    st_l.feed(ctx[:, :T])
+                    times[T].append(time.perf_counter() - t1)
+                    st_l.rollback(T, torch.tensor([0]))
+                t1 = time.perf_counter()
+                st_s.feed(ctx[:, :1])
+                t_slm.append(time.perf_counter() - t1)
+                st_s.rollback(1, torch.tensor([0]))
+        med = {T: statistics.median(v) for T, v in times.items()}
+        report[label] = {"llm_ms_by_tokens": {T: round(1000 * v, 1) for T, v in med.items()},
+                         "llm_relative_to_one_token": {T: round(v / med[1], 3) for T, v in med.items()},
+                         "slm_one_token_ms": round(1000 * statistics.median(t_slm), 1),
+                         "slm_relative_to_llm_step": round(statistics.median(t_slm) / med[1], 3)}
+        log(f"{label}: {report[label]}")
 
     # warm-up: first calls allocate and build kernels
     hf_generate(hf_llm, tok, PROMPTS[:1], 4)
@@ -307,6 +340,7 @@ def main(argv=None) -> int:
     # ---- batch 1: methods interleaved prompt by prompt, so load changes hit them alike ----------
     methods = {
         "llm-alone (transformers generate)": lambda p: hf_generate(hf_llm, tok, [p], n, do_sample=False)[:2],
+        "llm-alone (arfuse decoder, no SLM)": lambda p: ours(llm, None, [p], n, None)[:2],
         "fused (arfuse, non-speculative)": lambda p: ours(llm, slm, [p], n, w)[:2],
         f"fused-spec (arfuse, g={g})": lambda p: ours(llm, slm, [p], n, w, speculative=g),
         f"hf-assisted (assistant_ensemble_weight={w:.4f})": lambda p: hf_generate(
@@ -341,6 +375,7 @@ def main(argv=None) -> int:
         b8 = {}
         fns = {
             "llm-alone (transformers generate)": lambda: hf_generate(hf_llm, tok, PROMPTS, n, do_sample=False)[:2],
+            "llm-alone (arfuse decoder, no SLM)": lambda: ours(llm, None, PROMPTS, n, None)[:2],
             "fused (arfuse, non-speculative)": lambda: ours(llm, slm, PROMPTS, n, w)[:2],
             f"fused-spec (arfuse, g={g})": lambda: ours(llm, slm, PROMPTS, n, w, speculative=g),
         }
@@ -400,7 +435,7 @@ def main(argv=None) -> int:
 def print_report(r: dict) -> None:
     print(f"\nLLM smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, dequantised to float32) + SLM {r['slm'].get('name', r['slm'].get('spec'))}; "
           f"w = {r['weight']:.4f} ({r['weight_source']}); {r['new_tokens']} new tokens per prompt, greedy, EOS suppressed; "
-          f"torch {r['torch']}, transformers {r['transformers']}, {r['threads']} thread(s)")
+          f"torch {r['torch']}, transformers {r['transformers']}, {r['threads']} thread(s); prompts: {r['prompts']}")
     for key, title in (("batch1", "batch 1 (prompts one at a time, methods interleaved)"), ("batch8", "batch 8 (left padding)")):
         if key not in r:
             continue
@@ -410,18 +445,19 @@ def print_report(r: dict) -> None:
             xa = f"{v['x_hf_assisted']:.3f}" if "x_hf_assisted" in v else "-"
             extra = f"  acceptance {v['acceptance_rate']:.3f}" if v.get("acceptance_rate") is not None else ""
             print(f"{k:58s} {v['tokens_per_s']:9.2f} {v['x_llm_alone']:12.3f} {xa:>14s}{extra}")
-    if "pass_cost" in r:
-        pc = r["pass_cost"]
-        print("\none LLM pass over T new tokens (median of 5, ms): " + ", ".join(
-            f"T={T}: {ms} ({pc['llm_relative_to_one_token'][T]}x)" for T, ms in pc["llm_ms_by_tokens"].items())
-              + f"; one SLM step: {pc['slm_one_token_ms']} ms ({pc['slm_relative_to_llm_step']}x an LLM step)")
-    print(f"\nacceptance against g (prompt {r['acceptance_vs_g']['prompt']!r}, {r['acceptance_vs_g']['new_tokens']} tokens)")
+    for key, label in (("pass_cost_stock", "F.linear (stock)"), ("pass_cost", "arfuse generation kernels")):
+        if key in r:
+            pc = r[key]
+            print(f"\none LLM pass over T new tokens, {label} (median of 7, ms): " + ", ".join(
+                f"T={T}: {ms} ({pc['llm_relative_to_one_token'][T]}x)" for T, ms in pc["llm_ms_by_tokens"].items())
+                  + f"; one SLM step: {pc['slm_one_token_ms']} ms ({pc['slm_relative_to_llm_step']}x an LLM step)")
+    print(f"\nacceptance against g (prompt {r['acceptance_vs_g']['prompt'][:60]!r}..., {r['acceptance_vs_g']['new_tokens']} tokens)")
     print(f"{'mode':14s} {'g':>3s} {'acceptance':>11s} {'tokens/LLM pass':>16s} {'tokens/s':>9s}")
     for row in r["acceptance_vs_g"]["rows"]:
         print(f"{row['mode']:14s} {row['g']:3d} {row['acceptance_rate']:11.3f} {row['tokens_per_llm_pass']:16.2f} {row['tokens_per_s']:9.2f}")
     if "weight_sweep" in r:
         ws = r["weight_sweep"]
-        print(f"\nspeculation against w (greedy, g auto, prompt {ws['prompt']!r}, {ws['new_tokens']} tokens; "
+        print(f"\nspeculation against w (greedy, g auto, prompt {ws['prompt'][:60]!r}..., {ws['new_tokens']} tokens; "
               "each w is a different fused model)")
         print(f"{'w':>8s} {'fused x LLM':>12s} {'spec x LLM':>11s} {'spec x fused':>13s} {'acceptance':>11s} {'tokens/LLM pass':>16s}")
         for row in ws["rows"]:

@@ -28,6 +28,7 @@ class GenerationConfig:
     truncate: str = "error"              # a prompt too long for a model's context: "error" or "left"
     stop_at_eos: bool = True
     bos: str = "auto"
+    fast_kernels: bool = True            # CPU: 2-8-row products as W @ x.T (arfuse.generation.kernels)
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

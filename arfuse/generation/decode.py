@@ -21,6 +21,7 @@ from arfuse.generation.config import GenerationConfig
 from arfuse.generation.draft_length import DraftLength
 from arfuse.generation.sampling import residual, sample, transform
 from arfuse.generation.speculative import accepted_counts
+from arfuse.generation.kernels import small_row_linears
 from arfuse.generation.state import ModelState
 
 Rule = Callable[[Sequence[torch.Tensor]], torch.Tensor]
@@ -266,6 +267,11 @@ class Decoder:
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self, prompts: Sequence[str]) -> Iterator[Chunk]:
+        # few-row products as W @ x.T while generating (arfuse.generation.kernels); restored after
+        with small_row_linears(self.models, self.cfg.fast_kernels):
+            yield from self._run(prompts)
+
+    def _run(self, prompts: Sequence[str]) -> Iterator[Chunk]:
         cfg = self.cfg
         start = time.perf_counter()
         states = [ModelState(m) for m in self.models]
