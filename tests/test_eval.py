@@ -174,3 +174,62 @@ def test_independent_hf_guide_script_reproduces_arfuse_score(tiny_models, text_f
 def test_near_miss_model_name_suggests_the_alias(text_file, capsys):
     assert main(["score", "smolm2-135m", text_file, "--quiet"]) == 2
     assert "Did you mean 'smollm2-135m'" in capsys.readouterr().err
+
+
+# ---- the cosine rule in scoring (`--rule cosine`) ------------------------------------------------
+def _direct_cosine_nll(tiny_models, text_file, p: float) -> float:
+    """Mean NLL of the cosine rule at power p, from full distributions computed here, window by window,
+    with a full V x V similarity matrix (what the library never builds)."""
+    import torch
+
+    from arfuse.generation.rules import input_embeddings
+    from arfuse.scoring.scorer import prepare_docs
+    from arfuse.scoring.windows import plan_windows
+
+    llm, slm = load_model(tiny_models["large"]), load_model(tiny_models["small"])
+    emb = input_embeddings(llm).float()
+    e = emb / emb.norm(dim=-1, keepdim=True)
+    S = ((1 + e @ e.T) / 2).double()  # (V, V)
+    data = load_dataset(text_file)
+    nll, n = 0.0, 0
+    for doc in prepare_docs(llm, data, False):
+        for w in plan_windows(len(doc.seq), window=48, stride=16, convention="sliding"):
+            x = torch.as_tensor(doc.seq[w.ctx_start:w.tgt_end - 1])[None]
+            ll = torch.log_softmax(llm.forward_logits_tail(x, w.n_targets)[0].double(), -1)
+            a = slm.forward_logits_tail(x, w.n_targets)[0].argmax(-1)
+            q = ll.exp() * S[a] ** p
+            q = q / q.sum(-1, keepdim=True)
+            t = torch.as_tensor(doc.seq[w.tgt_start:w.tgt_end]).long()
+            nll -= q.gather(1, t[:, None]).log().sum().item()
+            n += w.n_targets
+    return nll / n
+
+
+def test_cosine_rule_in_eval_matches_a_direct_computation(tiny_models, text_file, capsys):
+    rep = _eval_json(capsys, "--large", tiny_models["large"], "--small", tiny_models["small"], "--data", text_file,
+                     "--rule", "cosine", "--power", "2.5")
+    rows = {r["kind"]: r for r in rep["rows"]}
+    assert set(rows) == {"large", "small", "uniform", "fused", "cosine"}
+    direct = math.exp(_direct_cosine_nll(tiny_models, text_file, 2.5))
+    assert rows["cosine"]["metrics"]["token_ppl"] == pytest.approx(direct, rel=1e-5)
+    assert rep["cosine"]["power"] == 2.5 and rep["cosine"]["power_source"] == "given (--power)"
+    assert rep["cosine"]["gain_ci"]["ci_low"] <= rep["cosine"]["gain_ci"]["gain_pct"] <= rep["cosine"]["gain_ci"]["ci_high"]
+
+
+def test_cosine_power_searched_is_the_minimum(tiny_models, text_file, capsys):
+    rep = _eval_json(capsys, "--large", tiny_models["large"], "--small", tiny_models["small"], "--data", text_file,
+                     "--rule", "cosine")
+    p = rep["cosine"]["power"]
+    assert "NLL-optimal on the test data itself" in rep["cosine"]["power_source"]
+    best = _direct_cosine_nll(tiny_models, text_file, p)
+    for q in (p * 0.8, p * 1.25, p + 0.05, max(p - 0.05, 0.0), 0.0):
+        assert best <= _direct_cosine_nll(tiny_models, text_file, q) + 1e-9
+
+
+def test_cosine_options_need_the_cosine_rule(tiny_models, text_file, capsys):
+    assert main(["eval", "--large", tiny_models["large"], "--small", tiny_models["small"], "--data", text_file,
+                 "--power", "1", *OPTS]) == 2
+    assert "--power and --embeddings belong to the cosine rule" in capsys.readouterr().err
+    assert main(["eval", "--large", tiny_models["large"], "--small", tiny_models["small"], "--small",
+                 tiny_models["small"], "--data", text_file, "--rule", "cosine", "--power", "1", *OPTS]) == 2
+    assert "one large and one small model" in capsys.readouterr().err

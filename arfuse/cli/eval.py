@@ -20,6 +20,13 @@ def register(sub) -> None:
     g.add_argument("--weight", type=float, help="the LLM's weight w in [0, 1] (two models)")
     g.add_argument("--weights", help="comma-separated weights, the LLM first, summing to 1 (K models)")
     g.add_argument("--search", action="store_true", help="find the NLL-optimal weight exactly (the default)")
+    p.add_argument("--rule", choices=["linear", "cosine"], default="linear",
+                   help="cosine: also report the paper's cosine-similarity variant, P ∝ p_LLM s(v, argmax p_SLM)^p, "
+                        "beside the linear rule (runs the LLM once more for its full distributions)")
+    p.add_argument("--power", type=float, help="--rule cosine: the power p >= 0 (default: the exact NLL-optimal p "
+                   "on --valid)")
+    p.add_argument("--embeddings", choices=["large", "small"], default="large",
+                   help="--rule cosine: whose token embeddings give the similarity")
     add_model_options(p)
     add_score_options(p)
     p.add_argument("--objective", choices=["nll", "accuracy"],
@@ -45,12 +52,19 @@ def run(args) -> int:
             weights = [float(x) for x in args.weights.split(",")]
         except ValueError:
             raise ArfuseError(f"--weights {args.weights!r}: give comma-separated numbers, e.g. 0.9,0.05,0.05") from None
+    if args.rule != "cosine" and (args.power is not None or args.embeddings != "large"):
+        raise ArfuseError("--power and --embeddings belong to the cosine rule: add --rule cosine")
     if _other_head(args, weights):
         return 0
     cfg = EvalConfig(large=args.large, smalls=args.small, data=args.data, valid=args.valid, weights=weights,
                      score=score_config(args), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                      use_cache=not args.no_cache)
-    report = evaluate(cfg, progress=not args.quiet)
+    if args.rule == "cosine":
+        from arfuse.tasks.cosine_eval import evaluate_cosine
+
+        report = evaluate_cosine(cfg, args.power, embeddings=args.embeddings, progress=not args.quiet)
+    else:
+        report = evaluate(cfg, progress=not args.quiet)
     if args.plot:
         from arfuse.search.plot import plot_gain_curve
 
@@ -71,6 +85,9 @@ def _other_head(args, weights) -> bool:
 
     common = dict(valid=args.valid, weights=weights, device=args.device, use_cache=not args.no_cache,
                   progress=not args.quiet)
+    if args.rule == "cosine" and (is_vision_model(args.large) or is_protein_model(args.large)):
+        raise ArfuseError("--rule cosine is for causal language models (it needs token embeddings): "
+                          "classifiers and masked LMs are fused with the linear rule")
     if is_vision_model(args.large):
         from arfuse.tasks.classification import evaluate_classification
 
@@ -133,6 +150,11 @@ def print_report(report) -> None:
         con.print(f"AR fused vs {report.models[0]['name']}: {ci['gain_pct']:+.3f}% token perplexity, "
                   f"{100 * ci['level']:.0f}% interval [{ci['ci_low']:+.3f}, {ci['ci_high']:+.3f}]% "
                   f"(paired bootstrap over {ci['blocks']:,} blocks of {ci['block_tokens']:,} tokens)")
+    if report.cosine:
+        c, ci = report.cosine, report.cosine["gain_ci"]
+        con.print(f"cosine rule: p = {c['power']:.6g} ({c['power_source']}; similarity of the {c['embeddings']} "
+                  f"model's token embeddings); vs {report.models[0]['name']}: {ci['gain_pct']:+.3f}% token perplexity, "
+                  f"{100 * ci['level']:.0f}% interval [{ci['ci_low']:+.3f}, {ci['ci_high']:+.3f}]%")
     if report.domain_k:
         con.print(f"improvement domain on {data['name']}: k > {report.domain_k[0]:.4g} (w > {report.domain_w[0]:.6f}); "
                   f"k* = {_fmt_k(report.k_star)} there")

@@ -57,6 +57,7 @@ class EvalReport:
     optimum_iterations: int | None = None
     curve: dict | None = None
     gain_ci: dict | None = None      # block-bootstrap interval of the fused row's gain (arfuse.tasks.metrics)
+    cosine: dict | None = None       # --rule cosine: its power, where it came from, its gain's interval
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
