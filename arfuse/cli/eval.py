@@ -152,8 +152,8 @@ def print_report(report) -> None:
                   f"(paired bootstrap over {ci['blocks']:,} blocks of {ci['block_tokens']:,} tokens)")
     if report.cosine:
         c, ci = report.cosine, report.cosine["gain_ci"]
-        con.print(f"cosine rule: p = {c['power']:.6g} ({c['power_source']}; similarity of the {c['embeddings']} "
-                  f"model's token embeddings); vs {report.models[0]['name']}: {ci['gain_pct']:+.3f}% token perplexity, "
+        con.print(f"cosine rule: p = {c['power']:.6g} ({c['power_source']}; the {c['embeddings']} model's token embeddings)")
+        con.print(f"AR cosine vs {report.models[0]['name']}: {ci['gain_pct']:+.3f}% token perplexity, "
                   f"{100 * ci['level']:.0f}% interval [{ci['ci_low']:+.3f}, {ci['ci_high']:+.3f}]%")
     if report.domain_k:
         con.print(f"improvement domain on {data['name']}: k > {report.domain_k[0]:.4g} (w > {report.domain_w[0]:.6f}); "
