@@ -45,8 +45,11 @@ def run_setting(setting: str, family: str | None, data: str | None, out_root: Pa
                                        progress=progress)
         info["unit"] = "tokens"
     rep = analyse_family(members, info)
-    rep.data["command"] = f"python benchmarks/bench_law.py {setting} --family {family} --data {data}"
+    rep.data["command"] = (f"python benchmarks/bench_law.py {setting} --family {family} --data {data}"
+                           + (f" --window {window} --stride {stride}" if (window, stride) != (1024, 512)
+                              and setting != "resnet-cifar10" else ""))
     rep.data["setting"] = setting
+    rep.data["window"], rep.data["stride"] = window, stride
     out = out_root / f"law_{setting}"
     write_tables(rep, out)
     write_plots(rep, out)

@@ -175,7 +175,15 @@ def law_section() -> tuple[str, list[dict]]:
         old = json.loads((d / "law.json").read_text())
         setting = old["data"].get("setting", d.name[4:])
         fam = ",".join(m["spec"] or m["name"] for m in old["family"])
-        rep = run_setting(setting, fam, old["data"]["name"], RESULTS)
+        win = old["data"].get("window")
+        if win is None:  # results written before the window was recorded: read it from the description
+            import re
+
+            m = re.search(r"sliding window (\d+), stride (\d+)", old["data"].get("windowing", ""))
+            win, stride = (int(m.group(1)), int(m.group(2))) if m else (1024, 512)
+        else:
+            stride = old["data"]["stride"]
+        rep = run_setting(setting, fam, old["data"]["name"], RESULTS, window=win, stride=stride)
         reps.append(rep)
         for png in d.glob("*.png"):
             shutil.copy(png, IMG / f"{d.name}_{png.name}")

@@ -234,3 +234,75 @@ def test_draft_length_follows_acceptance_and_cost():
     poor = run(0.05, 0.02, 0.05)
     tail = poor.history[10:]
     assert tail.count(0) >= len(tail) * 0.7 and max(tail) >= 1  # mostly plain, still probing
+
+
+# ---- lookup drafting ---------------------------------------------------------------------------
+def test_lookup_draft_copies_what_followed_the_longest_recent_match():
+    from arfuse.generation.speculative import lookup_draft
+
+    seq = [5, 6, 7, 8, 9, 6, 7, 1, 2, 6, 7]
+    assert lookup_draft(seq, 3) == [1, 2, 6]         # "6 7" last occurred before "1 2 6 ..."
+    assert lookup_draft(seq, 1) == [1]
+    assert lookup_draft([1, 2, 3, 4], 2) == []        # the last token never occurred before
+    assert lookup_draft([3, 9, 3], 5) == [9, 3]       # a short tail: fewer than g tokens
+    assert lookup_draft([4, 1, 2, 4, 3, 1, 2], 2) == [4, 3]  # the 2-gram "1 2" wins over the 1-gram "2"
+
+
+REPEAT = "the cat and the dog and the cat and the dog and the cat and the"
+
+
+@pytest.mark.parametrize("w", [0.3, 0.8])
+def test_lookup_speculative_greedy_equals_fused_greedy(models, w):
+    L, S = models
+    prompts = PROMPTS + [REPEAT]
+    plain = generate(prompts, large=L, small=S, weight=w, max_new_tokens=24)
+    for g in (1, 3, "auto"):
+        spec = generate(prompts, large=L, small=S, weight=w, max_new_tokens=24, speculative=g, draft="lookup")
+        assert [r.token_ids for r in spec] == [r.token_ids for r in plain], g
+        if g == 3:
+            assert spec[0].stats.accepted > 0 and spec[0].stats.large_passes < sum(len(r.token_ids) for r in plain)
+    # the LLM alone can speculate on its own text too (no small model needed)
+    alone = generate(REPEAT, large=L, max_new_tokens=16)
+    assert generate(REPEAT, large=L, max_new_tokens=16, speculative=2, draft="lookup").token_ids == alone.token_ids
+
+
+def test_lookup_speculative_sampling_matches_fused_distribution(models):
+    """Copied drafts are point masses: over 4,000 seeded runs the first two tokens still follow P
+    (chi-square p-value > 0.001 for each), and drafts are both accepted and rejected."""
+    L, S = models
+    w, N = 0.5, 4000
+    prompt = REPEAT
+    res = generate([prompt] * N, large=L, small=S, weight=w, max_new_tokens=3, temperature=1.0, speculative=2,
+                   seed=3, draft="lookup")
+    assert 0 < res[0].stats.accepted < res[0].stats.drafted
+    ids = L.encode(prompt).ids
+    eos = L.eos_id
+    toks = [r.token_ids + ([eos] if r.finish_reason == "eos" else []) for r in res]
+    V = L.info.vocab_size
+    first = torch.tensor([t[0] for t in toks])
+    pval, dof = chi2_pvalue(torch.bincount(first, minlength=V), _exact_next(L, S, w, ids))
+    assert dof >= 3 and pval > 1e-3, (pval, dof)
+    mode = int(torch.bincount(first).argmax())
+    second = torch.tensor([t[1] for t in toks if t[0] == mode and len(t) > 1])
+    pval2, dof2 = chi2_pvalue(torch.bincount(second, minlength=V), _exact_next(L, S, w, ids + [mode]))
+    assert dof2 >= 2 and pval2 > 1e-3, (pval2, dof2)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_lookup_batch_of_four_equals_one_at_a_time(models, temperature):
+    L, S = models
+    prompts = PROMPTS[:3] + [REPEAT]
+    batch = generate(prompts, large=L, small=S, weight=0.5, max_new_tokens=12, temperature=temperature,
+                     speculative=2, seed=5, draft="lookup")
+    for i, p in enumerate(prompts):
+        one = generate(p, large=L, small=S, weight=0.5, max_new_tokens=12, temperature=temperature,
+                       speculative=2, seed=5 + i, draft="lookup")
+        assert one.token_ids == batch[i].token_ids
+
+
+def test_lookup_bad_input(models):
+    L, S = models
+    with pytest.raises(ArfuseError, match="draft 'ngram'"):
+        generate("a", large=L, small=S, weight=0.5, speculative=2, draft="ngram")
+    with pytest.raises(ArfuseError, match="draft='lookup' is a way of speculating"):
+        generate("a", large=L, small=S, weight=0.5, draft="lookup")

@@ -38,6 +38,10 @@ def register(sub) -> None:
     p.add_argument("--speculative", type=_g, metavar="G", nargs="?", const="auto",
                    help="draft G tokens with the first small model per large-model pass; without G (or 'auto') G "
                         "is chosen from the measured acceptance rate and step times; exact for the fused distribution")
+    p.add_argument("--draft", choices=["slm", "lookup"], default="slm",
+                   help="with --speculative, who drafts: the small model (default) or 'lookup', tokens copied from "
+                        "the text so far where its last tokens occurred before (no model step; every model then "
+                        "scores them in one pass)")
     p.add_argument("--truncate", choices=["error", "left"], default="error",
                    help="a prompt too long for a model's context: refuse (default) or drop its oldest tokens")
     p.add_argument("--bos", choices=["auto", "always", "never"], default="auto", help="prepend BOS (default: auto)")
@@ -72,7 +76,7 @@ def run(args) -> int:
                       rule=args.rule, power=args.power, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop,
                       seed=args.seed, speculative=args.speculative, truncate=args.truncate, bos=args.bos,
-                      stream=True, device=args.device, dtype=args.dtype)
+                      stream=True, device=args.device, dtype=args.dtype, draft=args.draft)
     out = sys.stdout
     if args.json:
         for _ in stream:

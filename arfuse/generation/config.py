@@ -7,14 +7,17 @@ from dataclasses import dataclass, field
 from arfuse.errors import ArfuseError
 
 TRUNCATE = ("error", "left")
+DRAFTS = ("slm", "lookup")
 
 
 @dataclass
 class GenerationConfig:
     """Decoding settings. ``temperature == 0`` is greedy decoding of the fused distribution.
 
-    speculative: None plain fused decoding; an int g >= 1 drafts g tokens with the first small
-    model per large-model pass; "auto" picks g from the measured acceptance rate and step times.
+    speculative: None plain fused decoding; an int g >= 1 drafts g tokens per large-model pass;
+    "auto" picks g from the measured acceptance rate and step times. draft: "slm", the first
+    small model drafts step by step; "lookup", drafts are copied from the row's own text where its
+    last tokens occurred before, and every model (the SLM too) scores them in one pass.
     """
 
     max_new_tokens: int = 128
@@ -29,6 +32,7 @@ class GenerationConfig:
     stop_at_eos: bool = True
     bos: str = "auto"
     fast_kernels: bool = True            # CPU: 2-8-row products as W @ x.T (arfuse.generation.kernels)
+    draft: str = "slm"                   # who drafts: "slm" (the first small model) or "lookup" (the text itself)
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -49,6 +53,11 @@ class GenerationConfig:
                 raise ArfuseError(f"speculative g = {sp!r} must be an integer >= 1 (tokens the small model drafts "
                                   "per large-model pass), 'auto' to choose it from the measured acceptance rate, "
                                   "or None for plain fused decoding")
+        if self.draft not in DRAFTS:
+            raise ArfuseError(f"draft {self.draft!r}: use 'slm' (the small model drafts) or 'lookup' (drafts copied "
+                              "from the text so far; every model verifies them in one pass)")
+        if self.draft == "lookup" and sp is None:
+            raise ArfuseError("draft='lookup' is a way of speculating: give speculative g (or 'auto') too")
         if not isinstance(self.max_draft, int) or self.max_draft < 1:
             raise ArfuseError(f"max_draft {self.max_draft!r} must be an integer >= 1")
         if self.truncate not in TRUNCATE:

@@ -20,7 +20,7 @@ from arfuse.errors import ArfuseError
 from arfuse.generation.config import GenerationConfig
 from arfuse.generation.draft_length import DraftLength
 from arfuse.generation.sampling import residual, sample, transform
-from arfuse.generation.speculative import accepted_counts
+from arfuse.generation.speculative import accepted_counts, lookup_draft
 from arfuse.generation.kernels import small_row_linears
 from arfuse.generation.state import ModelState
 
@@ -85,6 +85,7 @@ class _Row:
     def __init__(self, index: int, prompt: str, prompt_tokens: int, seed: int):
         self.index, self.prompt, self.prompt_tokens = index, prompt, prompt_tokens
         self.ids: list[int] = []
+        self.context: list[int] = []   # the LLM's prompt token ids (lookup drafting searches them too)
         self.text = ""
         self.emitted = 0
         self.reason: str | None = None
@@ -95,7 +96,7 @@ class Decoder:
     """Generates from the fused distribution of ``models`` (the LLM first) under ``rule``."""
 
     def __init__(self, models: Sequence[CausalLM], rule: Rule, config: GenerationConfig):
-        if config.speculative is not None and len(models) < 2:
+        if config.speculative is not None and config.draft == "slm" and len(models) < 2:
             raise ArfuseError("speculative decoding needs a small model to draft: give --small (or drop --speculative)")
         check_same_vocab(models)
         self.models = list(models)
@@ -136,6 +137,7 @@ class Decoder:
             lasts = torch.tensor([s[-1] for s in seqs])
             if last is None:
                 last, n_prompt = lasts, [len(s) for s in seqs]
+                self._contexts = seqs
             elif not torch.equal(last, lasts):
                 raise ArfuseError("the models tokenize the prompt differently: the linear and cosine rules need one "
                                   "tokenizer; use the top-k-union rule (--rule union) for different tokenizers")
@@ -231,6 +233,51 @@ class Decoder:
         nl = n.tolist()
         return [draft_t[b, :nl[b]].tolist() + [int(y[b])] for b in range(B)]
 
+    def _lookup_cycle(self, states, last, g: int, U, timing: dict, contexts: list[list[int]]):
+        """Drafts copied from each row's own text (up to g, fewer where the match is short), scored
+        by every model in one pass over [last, drafts], verified against P like model drafts. A
+        copied draft is a point mass q = 1{x = d}: it is accepted with probability P(d), and a
+        rejection draws from max(0, P - q) normalised, which is P with d removed."""
+        t0 = time.perf_counter()
+        drafts = [lookup_draft(c, g) for c in contexts]
+        G = max(len(d) for d in drafts)
+        timing["draft"] = time.perf_counter() - t0
+        if G == 0:  # nothing to copy anywhere in the batch: a plain step
+            timing.pop("draft")
+            return self._plain_cycle(states, last, None if U is None else U[:, 2 * g:], timing)
+        B = last.shape[0]
+        lens = torch.tensor([len(d) for d in drafts])
+        draft_t = torch.tensor([d + [d[-1] if d else 0] * (G - len(d)) for d in drafts], dtype=torch.long)  # (B, G)
+        valid = torch.arange(G)[None, :] < lens[:, None]
+        t1 = time.perf_counter()
+        block = torch.cat([last[:, None], draft_t], 1)  # (B, G + 1)
+        target = self._target(self.rule([st.feed(block) for st in states]))  # (B, G + 1, V): P at every position
+        t2 = time.perf_counter()
+        p_draft = target[:, :G].gather(-1, draft_t[:, :, None].to(target.device))[:, :, 0].cpu()  # log P(d_i)
+        if U is None:
+            ok = target[:, :G].argmax(-1).cpu() == draft_t
+        else:
+            ok = U[:, g:g + G].log() < p_draft.double()
+        n = torch.cumprod((ok & valid).long(), dim=1).sum(1)  # (B,)
+        at = target[torch.arange(B), n]  # (B, V): P where each row's accepted drafts end
+        if U is None:
+            y = self._pick(at, None)
+        else:
+            rej = n < lens
+            q = torch.full_like(at, -torch.inf)
+            q[torch.arange(B), draft_t[torch.arange(B), n.clamp(max=G - 1)]] = 0.0
+            dist = torch.where(rej[:, None].to(at.device), residual(at, q).to(at.dtype), at)
+            y = self._pick(dist, U[:, 2 * g])
+        for st in states:
+            st.rollback(G + 1, 1 + n)
+        s = self.stats
+        s.large_passes += 1
+        s.drafted += int(lens.sum())
+        s.accepted += int(n.sum())
+        timing.update(verify=t2 - t1, n_verify=G + 1, accepted=int(n.sum()), trials=int((n + (n < lens).long()).sum()))
+        nl = n.tolist()
+        return [draft_t[b, :nl[b]].tolist() + [int(y[b])] for b in range(B)]
+
     # ---- text ----------------------------------------------------------------------------
     def _commit(self, row: _Row, tokens: list[int]) -> Chunk | None:
         cfg = self.cfg
@@ -277,6 +324,8 @@ class Decoder:
         states = [ModelState(m) for m in self.models]
         last, n_prompt = self._prefill(states, list(prompts))
         rows = [_Row(i, p, n, cfg.seed + i) for i, (p, n) in enumerate(zip(prompts, n_prompt))]
+        for r, ctx in zip(rows, self._contexts):
+            r.context = ctx
         self._rows = rows
         active = list(range(len(rows)))
         chooser = DraftLength(g_max=cfg.max_draft) if cfg.speculative == "auto" else None
@@ -292,12 +341,18 @@ class Decoder:
                 [torch.rand(2 * g + 1, generator=rows[i].gen, dtype=torch.float64) for i in active])  # (B, 2g + 1)
             t0 = time.perf_counter()
             timing: dict = {}
-            out = self._spec_cycle(states, last, g, U, timing) if g else self._plain_cycle(states, last, U, timing)
+            if not g:
+                out = self._plain_cycle(states, last, U, timing)
+            elif cfg.draft == "lookup":
+                out = self._lookup_cycle(states, last, g, U, timing, [rows[i].context + rows[i].ids for i in active])
+            else:
+                out = self._spec_cycle(states, last, g, U, timing)
             if chooser:
-                steps = max(g, 1) if g else 1
-                other = time.perf_counter() - t0 - timing["verify"] - timing["draft"] * steps
-                chooser.update(timing.get("accepted", 0), timing.get("trials", 0), timing["draft"], g + 1,
-                               timing["verify"], max(other, 0.0))
+                steps = max(g, 1) if g and cfg.draft == "slm" else 1
+                t_draft = timing.get("draft", 0.0)
+                other = time.perf_counter() - t0 - timing["verify"] - t_draft * steps
+                chooser.update(timing.get("accepted", 0), timing.get("trials", 0), t_draft,
+                               timing.get("n_verify", g + 1), timing["verify"], max(other, 0.0))
             self.stats.cycles += 1
             keep, new_last = [], []
             for j, i in enumerate(active):

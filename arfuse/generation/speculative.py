@@ -9,6 +9,8 @@ greedy mode a draft is accepted while it equals the argmax of P.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -24,3 +26,17 @@ def accepted_counts(draft: torch.Tensor, logq: torch.Tensor, logp: torch.Tensor,
         ratio = (logp.gather(-1, idx) - logq.gather(-1, idx)).squeeze(-1).double()  # log P(x)/q(x), (B, g)
         ok = u.double().to(ratio.device).log() < ratio
     return torch.cumprod(ok.long(), dim=1).sum(1).cpu()
+
+
+def lookup_draft(seq: Sequence[int], g: int, max_ngram: int = 3) -> list[int]:
+    """Up to ``g`` draft tokens copied from ``seq`` itself: the tokens that followed the most recent
+    earlier occurrence of its last n tokens (n = max_ngram, ..., 1; the longest match wins).
+    [] when the last token never occurred before. Text repeats itself (names, refrains, verse
+    formulas), and such drafts cost no model step (prompt-lookup decoding, Saxena 2023)."""
+    n_seq = len(seq)
+    for n in range(min(max_ngram, n_seq - 1), 0, -1):
+        key = list(seq[n_seq - n:])
+        for j in range(n_seq - n - 1, -1, -1):
+            if list(seq[j:j + n]) == key:
+                return list(seq[j + n:j + n + g])
+    return []
