@@ -4,12 +4,16 @@ One run, the same models, the same prompts, 128 new tokens each (EOS suppressed 
 method produces exactly as many tokens), greedy:
   - llm-alone:      the LLM alone with transformers `generate` (KV cache)
   - fused:          arfuse, P = w p_LLM + (1 - w) p_SLM, one KV cache per model
-  - fused-spec:     arfuse speculative decoding (g chosen from the measured acceptance, unless --g)
+  - fused-spec:     arfuse speculative decoding (g chosen from the measured acceptance, unless --g),
+                    drafts from the SLM, or copied from the text itself (lookup: every model scores
+                    them in one pass; the output is still exactly the fused model's)
   - hf-assisted:    transformers assisted generation with the SLM as assistant and
                     `assistant_ensemble_weight = w` (the verifier's target is w p + (1 - w) q; the bonus
                     token comes from p alone, so it is not exactly the fused model)
 at batch 1 (prompts one at a time), then at batch 8 (assisted generation is batch 1 only), then the
-acceptance rate and speed against g, greedy and sampling (temperature 1).
+acceptance rate and speed against g, greedy and sampling (temperature 1). Two references show what
+the lookup trick gives the LLM alone: arfuse's decoder with no SLM, and transformers' own prompt
+lookup decoding (batch 1).
 
 The SLM. Until the trainer gives an SLM on SmolLM2's tokenizer, this benchmark builds one: SmolLM2
 truncated to its first --layers layers, its output head factorised to rank --rank (SVD of the tied
@@ -338,17 +342,24 @@ def main(argv=None) -> int:
     ours(llm, slm, PROMPTS[:1], 4, w)
 
     # ---- batch 1: methods interleaved prompt by prompt, so load changes hit them alike ----------
+    spec_slm, spec_lookup = f"fused-spec (arfuse, SLM drafts, g={g})", f"fused-spec (arfuse, lookup drafts, g={g})"
     methods = {
         "llm-alone (transformers generate)": lambda p: hf_generate(hf_llm, tok, [p], n, do_sample=False)[:2],
         "llm-alone (arfuse decoder, no SLM)": lambda p: ours(llm, None, [p], n, None)[:2],
         "fused (arfuse, non-speculative)": lambda p: ours(llm, slm, [p], n, w)[:2],
-        f"fused-spec (arfuse, g={g})": lambda p: ours(llm, slm, [p], n, w, speculative=g),
+        spec_slm: lambda p: ours(llm, slm, [p], n, w, speculative=g),
+        spec_lookup: lambda p: ours(llm, slm, [p], n, w, speculative=g, draft="lookup"),
         f"hf-assisted (assistant_ensemble_weight={w:.4f})": lambda p: hf_generate(
             hf_llm, tok, [p], n, do_sample=False, assistant_model=hf_slm, assistant_ensemble_weight=w)[:2],
+        # references: what the same lookup trick gives the LLM alone
+        "ref: llm-alone + lookup drafts (arfuse decoder)": lambda p: ours(llm, None, [p], n, None, speculative=g,
+                                                                        draft="lookup"),
+        "ref: llm-alone + prompt lookup (transformers, 3 tokens)": lambda p: hf_generate(
+            hf_llm, tok, [p], n, do_sample=False, prompt_lookup_num_tokens=3, max_matching_ngram_size=3)[:2],
     }
     tot = {k: [0, 0.0] for k in methods}
     per_prompt = {k: [] for k in methods}
-    spec_stats = []
+    stats = {k: [] for k in methods}
     for i, p in enumerate(PROMPTS[:args.prompts_b1]):
         for k, fn in methods.items():
             out = fn(p)
@@ -356,7 +367,7 @@ def main(argv=None) -> int:
             tot[k][1] += out[1]
             per_prompt[k].append(out[0] / out[1])
             if len(out) == 3:
-                spec_stats.append(out[2])
+                stats[k].append(out[2])
             log(f"  batch 1, prompt {i + 1}: {k}: {out[0] / out[1]:.2f} tokens/s")
     base = tot["llm-alone (transformers generate)"]
     hfa = [v for k, v in tot.items() if k.startswith("hf-assisted")][0]
@@ -365,9 +376,11 @@ def main(argv=None) -> int:
         b1[k] = {"tokens": ntok, "seconds": round(sec, 2), "tokens_per_s": ntok / sec,
                  "x_llm_alone": (ntok / sec) / (base[0] / base[1]), "x_hf_assisted": (ntok / sec) / (hfa[0] / hfa[1]),
                  "per_prompt_tokens_per_s": [round(x, 3) for x in per_prompt[k]]}
-    acc = sum(s.accepted for s in spec_stats) / max(1, sum(s.drafted for s in spec_stats))
-    b1[f"fused-spec (arfuse, g={g})"].update(
-        acceptance_rate=acc, draft_lengths_median=statistics.median([x for s in spec_stats for x in s.draft_lengths]))
+        if stats[k]:
+            st = stats[k]
+            b1[k].update(acceptance_rate=sum(x.accepted for x in st) / max(1, sum(x.drafted for x in st)),
+                         tokens_per_llm_pass=ntok / max(1, sum(x.large_passes for x in st)),
+                         draft_lengths_median=statistics.median([d for x in st for d in x.draft_lengths] or [0]))
     report["batch1"] = b1
 
     # ---- batch 8 ------------------------------------------------------------------------------------
@@ -377,7 +390,8 @@ def main(argv=None) -> int:
             "llm-alone (transformers generate)": lambda: hf_generate(hf_llm, tok, PROMPTS, n, do_sample=False)[:2],
             "llm-alone (arfuse decoder, no SLM)": lambda: ours(llm, None, PROMPTS, n, None)[:2],
             "fused (arfuse, non-speculative)": lambda: ours(llm, slm, PROMPTS, n, w)[:2],
-            f"fused-spec (arfuse, g={g})": lambda: ours(llm, slm, PROMPTS, n, w, speculative=g),
+            spec_slm: lambda: ours(llm, slm, PROMPTS, n, w, speculative=g),
+            spec_lookup: lambda: ours(llm, slm, PROMPTS, n, w, speculative=g, draft="lookup"),
         }
         for rnd in range(args.rounds_b8):  # interleaved rounds, summed
             for k, fn in fns.items():
@@ -400,7 +414,9 @@ def main(argv=None) -> int:
 
     # ---- acceptance against g ------------------------------------------------------------------------
     sweep = []
-    for mode, kw in (("greedy", {}), ("sampling T=1", {"temperature": 1.0, "seed": 0})):
+    for mode, kw in (("greedy", {}), ("sampling T=1", {"temperature": 1.0, "seed": 0}),
+                     ("greedy, lookup", {"draft": "lookup"}), ("sampling, lookup", {"temperature": 1.0, "seed": 0,
+                                                                                     "draft": "lookup"})):
         for gg in [int(x) for x in args.g_sweep.split(",")]:
             ntok, sec, st = ours(llm, slm, PROMPTS[:1], args.sweep_tokens, w, speculative=gg, **kw)
             sweep.append({"mode": mode, "g": gg, "acceptance_rate": st.acceptance_rate,
@@ -444,6 +460,7 @@ def print_report(r: dict) -> None:
         for k, v in r[key].items():
             xa = f"{v['x_hf_assisted']:.3f}" if "x_hf_assisted" in v else "-"
             extra = f"  acceptance {v['acceptance_rate']:.3f}" if v.get("acceptance_rate") is not None else ""
+            extra += f", {v['tokens_per_llm_pass']:.2f} tokens/LLM pass" if v.get("tokens_per_llm_pass") else ""
             print(f"{k:58s} {v['tokens_per_s']:9.2f} {v['x_llm_alone']:12.3f} {xa:>14s}{extra}")
     for key, label in (("pass_cost_stock", "F.linear (stock)"), ("pass_cost", "arfuse generation kernels")):
         if key in r:
@@ -452,9 +469,9 @@ def print_report(r: dict) -> None:
                 f"T={T}: {ms} ({pc['llm_relative_to_one_token'][T]}x)" for T, ms in pc["llm_ms_by_tokens"].items())
                   + f"; one SLM step: {pc['slm_one_token_ms']} ms ({pc['slm_relative_to_llm_step']}x an LLM step)")
     print(f"\nacceptance against g (prompt {r['acceptance_vs_g']['prompt'][:60]!r}..., {r['acceptance_vs_g']['new_tokens']} tokens)")
-    print(f"{'mode':14s} {'g':>3s} {'acceptance':>11s} {'tokens/LLM pass':>16s} {'tokens/s':>9s}")
+    print(f"{'mode':16s} {'g':>3s} {'acceptance':>11s} {'tokens/LLM pass':>16s} {'tokens/s':>9s}")
     for row in r["acceptance_vs_g"]["rows"]:
-        print(f"{row['mode']:14s} {row['g']:3d} {row['acceptance_rate']:11.3f} {row['tokens_per_llm_pass']:16.2f} {row['tokens_per_s']:9.2f}")
+        print(f"{row['mode']:16s} {row['g']:3d} {row['acceptance_rate']:11.3f} {row['tokens_per_llm_pass']:16.2f} {row['tokens_per_s']:9.2f}")
     if "weight_sweep" in r:
         ws = r["weight_sweep"]
         print(f"\nspeculation against w (greedy, g auto, prompt {ws['prompt'][:60]!r}..., {ws['new_tokens']} tokens; "
