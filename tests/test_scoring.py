@@ -120,6 +120,22 @@ def test_corrupt_chunk_is_rescored_never_used(tiny_models, text_file):
     assert np.array_equal(again.logp, good.logp)
 
 
+def test_finished_cache_is_read_without_tokenizing(tiny_models, text_file, monkeypatch):
+    m = load_model(tiny_models["large"])
+    data = load_dataset(text_file)
+    cfg = ScoreConfig(window=40, stride=13, bos="never", topk=5)
+    first = score(m, data, cfg, progress=False)
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("a finished cache must not tokenize the data again")
+
+    monkeypatch.setattr(m, "encode", no_tokenizing)
+    again = score(m, data, cfg, progress=False)
+    for f in ("doc", "pos", "target", "logp", "topk_ids", "topk_logp", "nbytes", "nchars", "nwords"):
+        assert np.array_equal(getattr(again, f), getattr(first, f)), f
+    assert again.meta["windowing"] == first.meta["windowing"] and again.meta["cache_key"] == first.meta["cache_key"]
+
+
 def test_nan_output_names_model_and_position(tiny_models, text_file):
     m = load_model(tiny_models["small"], reuse=False)
     with torch.no_grad():

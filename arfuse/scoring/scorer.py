@@ -150,13 +150,6 @@ def score(model: CausalLM, dataset: Dataset, cfg: ScoreConfig = ScoreConfig(), *
         raise ArfuseError(f"--window {cfg.window} exceeds {model.info.name}'s context of {max_len} tokens: "
                           f"use --window {max_len} or less")
     k = min(cfg.topk, model.info.vocab_size)
-    docs = prepare_docs(model, dataset, bos)
-    plan = [(d, w) for d, doc in enumerate(docs)
-            for w in plan_windows(len(doc.seq), window=cfg.window, stride=cfg.stride, convention=cfg.convention)]
-    if not plan:
-        raise ArfuseError(f"{dataset.name} gives no token to score with {model.info.name} "
-                          "(each document needs at least two tokens, or one with --bos always)")
-    chunks = _chunks(plan)
     key_fields = cache_key_fields(model, dataset, cfg, bos)
     cache = ScoreCache(key_fields) if use_cache else None
     meta = {"model": model.info.name, "model_kind": model.info.kind, "num_parameters": model.info.num_parameters,
@@ -164,6 +157,18 @@ def score(model: CausalLM, dataset: Dataset, cfg: ScoreConfig = ScoreConfig(), *
             "data_hash": dataset.content_hash, "bos": bos, "topk": k, "windowing": cfg.describe(),
             "config": asdict(cfg), "cache_key": cache.key if cache else None,
             "tokenizer": model.tokenizer_fingerprint()}
+    if cache and load and cache.manifest.get("complete") and cache.manifest.get("n_chunks"):
+        # a finished run: its chunks are the whole answer, no need to tokenize the data again
+        done = [cache.load_chunk(i) for i in range(int(cache.manifest["n_chunks"]))]
+        if all(r is not None for r in done):
+            return TokenRecords.concat(done, meta=meta)
+    docs = prepare_docs(model, dataset, bos)
+    plan = [(d, w) for d, doc in enumerate(docs)
+            for w in plan_windows(len(doc.seq), window=cfg.window, stride=cfg.stride, convention=cfg.convention)]
+    if not plan:
+        raise ArfuseError(f"{dataset.name} gives no token to score with {model.info.name} "
+                          "(each document needs at least two tokens, or one with --bos always)")
+    chunks = _chunks(plan)
     total = sum(w.n_targets for _, w in plan)
     parts: list[TokenRecords] = []
     todo = []

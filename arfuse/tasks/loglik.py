@@ -64,8 +64,11 @@ def score_continuations(model: CausalLM, pairs: list[tuple[str, str]], cfg: Scor
     parts = []
     for b0 in range(0, len(docs), BLOCK):
         block = docs[b0:b0 + BLOCK]
-        longest = max(len(model.encode(d).ids) for d in block) + int(bos)
         window = cfg.window if model.info.max_length is None else min(cfg.window, model.info.max_length)
+        # a byte-level or word-level tokenizer gives at most one token per UTF-8 byte: only blocks
+        # that may not fit the window are tokenized here to measure them
+        fits = max(len(d.encode()) for d in block) + int(bos) + 8 <= window  # 8: prefix tokens, to spare
+        longest = 0 if fits else max(len(model.encode(d).ids) for d in block) + int(bos)
         if window < longest:  # every continuation sees its whole context when the model allows it
             window = min(longest, model.info.max_length or longest)
         bcfg = replace(cfg, window=window, stride=min(cfg.stride or window, window))
