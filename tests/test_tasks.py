@@ -209,3 +209,29 @@ def test_small_context_ablation_and_cached_blocks(tiny_models, tmp_path):
         assert len(calls) == n_first  # all from the cache now
     finally:
         loglik.BLOCK = old
+
+
+def test_token_bound_covers_normalisers_that_lengthen_text():
+    """The shortcut that skips tokenizing short task blocks must bound the tokens of NFKC-normalised text."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from arfuse.tasks.loglik import _token_bound
+
+    vocab = {chr(i): i for i in range(32, 127)}
+    vocab["[UNK]"] = len(vocab) + 32
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.normalizer = normalizers.NFKC()
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk)
+
+    class M:  # what _token_bound reads of a model
+        tokenizer = fast
+
+        class info:
+            kind = "hf"
+
+    text = "\ufdfa" * 10  # one 3-byte character that NFKC expands to 18 characters
+    n_tokens = len(fast(text, add_special_tokens=False)["input_ids"])
+    assert n_tokens > len(text.encode())  # the raw bytes would not bound it
+    assert _token_bound(M, text) >= n_tokens

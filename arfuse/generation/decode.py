@@ -244,7 +244,10 @@ class Decoder:
         timing["draft"] = time.perf_counter() - t0
         if G == 0:  # nothing to copy anywhere in the batch: a plain step
             timing.pop("draft")
-            return self._plain_cycle(states, last, None if U is None else U[:, 2 * g:], timing)
+            out = self._plain_cycle(states, last, None if U is None else U[:, 2 * g:], timing)
+            # nothing was drafted: every model's step is a one-token pass (for the draft-length chooser)
+            timing.update(verify=timing["verify"] + timing.pop("draft", 0.0), n_verify=1)
+            return out
         B = last.shape[0]
         lens = torch.tensor([len(d) for d in drafts])
         draft_t = torch.tensor([d + [d[-1] if d else 0] * (G - len(d)) for d in drafts], dtype=torch.long)  # (B, G)
@@ -314,15 +317,14 @@ class Decoder:
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self, prompts: Sequence[str]) -> Iterator[Chunk]:
-        # few-row products as W @ x.T while generating (arfuse.generation.kernels); restored after
-        with small_row_linears(self.models, self.cfg.fast_kernels):
-            yield from self._run(prompts)
-
-    def _run(self, prompts: Sequence[str]) -> Iterator[Chunk]:
         cfg = self.cfg
         start = time.perf_counter()
         states = [ModelState(m) for m in self.models]
-        last, n_prompt = self._prefill(states, list(prompts))
+        # few-row products as W @ x.T during the model calls (arfuse.generation.kernels), switched
+        # back before every yield: a paused stream leaves the models as they were
+        kernels = lambda: small_row_linears(self.models, cfg.fast_kernels)  # noqa: E731
+        with kernels():
+            last, n_prompt = self._prefill(states, list(prompts))
         rows = [_Row(i, p, n, cfg.seed + i) for i, (p, n) in enumerate(zip(prompts, n_prompt))]
         for r, ctx in zip(rows, self._contexts):
             r.context = ctx
@@ -341,12 +343,14 @@ class Decoder:
                 [torch.rand(2 * g + 1, generator=rows[i].gen, dtype=torch.float64) for i in active])  # (B, 2g + 1)
             t0 = time.perf_counter()
             timing: dict = {}
-            if not g:
-                out = self._plain_cycle(states, last, U, timing)
-            elif cfg.draft == "lookup":
-                out = self._lookup_cycle(states, last, g, U, timing, [rows[i].context + rows[i].ids for i in active])
-            else:
-                out = self._spec_cycle(states, last, g, U, timing)
+            with kernels():
+                if not g:
+                    out = self._plain_cycle(states, last, U, timing)
+                elif cfg.draft == "lookup":
+                    out = self._lookup_cycle(states, last, g, U, timing,
+                                             [rows[i].context + rows[i].ids for i in active])
+                else:
+                    out = self._spec_cycle(states, last, g, U, timing)
             if chooser:
                 steps = max(g, 1) if g and cfg.draft == "slm" else 1
                 t_draft = timing.get("draft", 0.0)

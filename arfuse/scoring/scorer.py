@@ -159,8 +159,14 @@ def score(model: CausalLM, dataset: Dataset, cfg: ScoreConfig = ScoreConfig(), *
             "tokenizer": model.tokenizer_fingerprint()}
     if cache and load and cache.manifest.get("complete") and cache.manifest.get("n_chunks"):
         # a finished run: its chunks are the whole answer, no need to tokenize the data again
-        done = [cache.load_chunk(i) for i in range(int(cache.manifest["n_chunks"]))]
-        if all(r is not None for r in done):
+        done = []
+        for i in range(int(cache.manifest["n_chunks"])):
+            rec = cache.load_chunk(i)
+            if rec is None:  # damaged or missing: the slow path below rescores what is needed
+                done = None
+                break
+            done.append(rec)
+        if done is not None:
             return TokenRecords.concat(done, meta=meta)
     docs = prepare_docs(model, dataset, bos)
     plan = [(d, w) for d, doc in enumerate(docs)

@@ -20,6 +20,13 @@ from arfuse.tasks.metrics import bootstrap_ppl_gain, perplexity_metrics
 from arfuse.tasks.perplexity import EvalConfig, EvalReport, Row, evaluate
 
 MAX_VALID_BYTES = 3 * 2 ** 30
+ROWS = 256
+
+
+def _check_complete(done: int, want: int, name: str) -> None:
+    if done != want:
+        raise ArfuseError(f"{name}: the full-distribution pass gave {done:,} targets, the cached records hold "
+                          f"{want:,}; rescore with --no-cache")
 
 
 def _check_targets(got: torch.Tensor, want: np.ndarray, at: int, name: str) -> None:
@@ -59,18 +66,20 @@ def evaluate_cosine(cfg: EvalConfig, power: float | None = None, *, embeddings: 
             raise ArfuseError(f"searching the power keeps the LLM's full distributions of {fit.name} in memory: "
                               f"{len(rl.target):,} tokens x {unit.shape[0]:,} = {need / 2 ** 30:.1f} GiB; give a "
                               "shorter --valid slice (e.g. [:20000] characters) or a --power")
-        parts: list[torch.Tensor] = []
+        full = torch.empty(len(rl.target), unit.shape[0])  # filled window by window: one N x V copy
         seen = [0]
 
         def keep(lp, tgt):
-            _check_targets(tgt, rl.target, seen[0], llm.info.name)
+            i = seen[0]
+            _check_targets(tgt, rl.target, i, llm.info.name)
+            full[i:i + len(tgt)] = lp
             seen[0] += len(tgt)
-            parts.append(lp)
 
         full_logprob_pass(llm, fit, cfg.score, keep, progress=progress)
-        power, _ = optimal_power(torch.cat(parts), torch.as_tensor(rs.topk_ids[:, 0]).long(),
-                                 torch.as_tensor(rl.target).long(), unit)
-        del parts
+        _check_complete(seen[0], len(rl.target), llm.info.name)
+        power, _ = optimal_power(full, torch.as_tensor(rs.topk_ids[:, 0]).long(), torch.as_tensor(rl.target).long(),
+                                 unit)
+        del full
         source = (f"exact NLL-optimal power on the validation data, {fit.name}" if valid
                   else f"NLL-optimal on the test data itself ({fit.name}): no --valid given, so the gain is optimistic")
     else:
@@ -83,10 +92,14 @@ def evaluate_cosine(cfg: EvalConfig, power: float | None = None, *, embeddings: 
     def fuse(lp, tgt):
         i = at[0]
         _check_targets(tgt, rl.target, i, llm.info.name)
-        out[i:i + len(tgt)] = cosine_target_logprobs(lp, anchor[i:i + len(tgt)], tgt, unit, [power])[:, 0].double().numpy()
+        for a in range(0, len(tgt), ROWS):  # a few rows at a time: the temporaries are rows x V float64
+            b = min(len(tgt), a + ROWS)
+            out[i + a:i + b] = cosine_target_logprobs(lp[a:b], anchor[i + a:i + b], tgt[a:b], unit,
+                                                      [power])[:, 0].double().numpy()
         at[0] += len(tgt)
 
     full_logprob_pass(llm, data, cfg.score, fuse, progress=progress)
+    _check_complete(at[0], len(rl.target), llm.info.name)
     base = report.rows[0].metrics["token_ppl"]
     m = perplexity_metrics(out, rl.nbytes, rl.nchars, rl.nwords)
     report.rows.append(Row(f"AR cosine (p = {power:.4g})", "cosine", m, 100.0 * (1.0 - m["token_ppl"] / base)))
