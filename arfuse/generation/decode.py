@@ -21,7 +21,7 @@ from arfuse.generation.config import GenerationConfig
 from arfuse.generation.draft_length import DraftLength
 from arfuse.generation.sampling import residual, sample, transform
 from arfuse.generation.speculative import accepted_counts, lookup_draft
-from arfuse.generation.kernels import small_row_linears
+from arfuse.generation.kernels import SmallRowLinears
 from arfuse.generation.state import ModelState
 
 Rule = Callable[[Sequence[torch.Tensor]], torch.Tensor]
@@ -322,7 +322,7 @@ class Decoder:
         states = [ModelState(m) for m in self.models]
         # few-row products as W @ x.T during the model calls (arfuse.generation.kernels), switched
         # back before every yield: a paused stream leaves the models as they were
-        kernels = lambda: small_row_linears(self.models, cfg.fast_kernels)  # noqa: E731
+        kernels = SmallRowLinears(self.models, cfg.fast_kernels).active
         with kernels():
             last, n_prompt = self._prefill(states, list(prompts))
         rows = [_Row(i, p, n, cfg.seed + i) for i, (p, n) in enumerate(zip(prompts, n_prompt))]

@@ -59,21 +59,35 @@ def _linears(model) -> list[torch.nn.Linear]:
             and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
 
 
-@contextlib.contextmanager
-def small_row_linears(models: Sequence, enabled: bool = True) -> Iterator[int]:
-    """While inside, the float32 CPU ``nn.Linear`` layers of ``models`` multiply 2 to 5 rows as W @ x.T.
+class SmallRowLinears:
+    """The switchable layers of ``models``, found once; ``active()`` switches them for a while.
+
+    Entering and leaving costs a dictionary write per layer (generation switches around every
+    cycle's model calls, so that a paused stream leaves the models untouched)."""
+
+    def __init__(self, models: Sequence, enabled: bool = True):
+        self.pairs = [(lin, types.MethodType(_forward, lin)) for model in models for lin in _linears(model)] \
+            if enabled else []
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[int]:
+        """Yields how many layers were switched. Layers already switched (nested use) are left alone."""
+        patched = []
+        for lin, fwd in self.pairs:
+            d = lin.__dict__
+            if "forward" not in d:
+                d["forward"] = fwd
+                patched.append(d)
+        try:
+            yield len(patched)
+        finally:
+            for d in patched:
+                d.pop("forward", None)
+
+
+def small_row_linears(models: Sequence, enabled: bool = True):
+    """While inside, the float32 CPU ``nn.Linear`` layers of ``models`` multiply 2 to 8 rows as W @ x.T.
 
     Yields how many layers were switched. Layers already switched (nested use) are left alone.
     """
-    patched: list[torch.nn.Linear] = []
-    if enabled:
-        for model in models:
-            for lin in _linears(model):
-                if "forward" not in lin.__dict__:
-                    lin.forward = types.MethodType(_forward, lin)
-                    patched.append(lin)
-    try:
-        yield len(patched)
-    finally:
-        for lin in patched:
-            lin.__dict__.pop("forward", None)
+    return SmallRowLinears(models, enabled).active()
