@@ -216,7 +216,7 @@ def test_token_bound_covers_normalisers_that_lengthen_text():
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from arfuse.tasks.loglik import _token_bound
+    from arfuse.adapters.hf import HFCausalLM
 
     vocab = {chr(i): i for i in range(32, 127)}
     vocab["[UNK]"] = len(vocab) + 32
@@ -225,13 +225,10 @@ def test_token_bound_covers_normalisers_that_lengthen_text():
     tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
     fast = PreTrainedTokenizerFast(tokenizer_object=tk)
 
-    class M:  # what _token_bound reads of a model
-        tokenizer = fast
-
-        class info:
-            kind = "hf"
+    m = HFCausalLM.__new__(HFCausalLM)  # only its tokenizer is needed here
+    m.tokenizer = fast
 
     text = "\ufdfa" * 10  # one 3-byte character that NFKC expands to 18 characters
     n_tokens = len(fast(text, add_special_tokens=False)["input_ids"])
     assert n_tokens > len(text.encode())  # the raw bytes would not bound it
-    assert _token_bound(M, text) >= n_tokens
+    assert m.token_bound(text) >= n_tokens

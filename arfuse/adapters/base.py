@@ -60,6 +60,18 @@ class CausalLM(ABC):
     def decode(self, ids: list[int]) -> str:
         """Text of token ids."""
 
+    def token_bound(self, text: str) -> int | None:
+        """An upper bound on ``len(encode(text).ids)`` without tokenizing, or None when unknown.
+
+        Byte-level BPE, SentencePiece with byte fallback and word-level tokenizers give at most one
+        token per UTF-8 byte of the text as their normaliser leaves it (NFKC can lengthen text, so
+        the normalised text is measured), plus a prefix token or two (8 to spare)."""
+        backend = getattr(getattr(self, "tokenizer", None), "backend_tokenizer", None)
+        if backend is None:
+            return None
+        norm = backend.normalizer
+        return len((norm.normalize_str(text) if norm is not None else text).encode()) + 8
+
     @abstractmethod
     def tokenizer_fingerprint(self) -> str:
         """A hash of the vocabulary and merges: equal hashes mean identical tokenization."""

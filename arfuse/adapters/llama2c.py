@@ -502,6 +502,10 @@ class Llama2cLM(CausalLM):
     def encode(self, text: str) -> Encoding:
         return self.tokenizer.encode(text)
 
+    def token_bound(self, text: str) -> int:
+        """A dummy-prefix space, then at most one token per UTF-8 byte (byte fallback), 8 to spare."""
+        return len(text.encode()) + 8
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 

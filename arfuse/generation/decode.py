@@ -128,16 +128,16 @@ class Decoder:
             raise ArfuseError("the prompt is empty and the model adds no BOS token: give some text (or --bos always)")
         return bos + ids
 
-    def _prefill(self, states: list[ModelState], prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
-        """Feed every model its prompts but the last token; return the last tokens (B,)."""
+    def _prefill(self, states: list[ModelState], prompts: list[str]) -> tuple[torch.Tensor, list[int], list[list[int]]]:
+        """Feed every model its prompts but the last token; return the last tokens (B,), the prompt
+        lengths and the LLM's prompt token ids."""
         last = None
         n_prompt = []
         for m, st in zip(self.models, states):
             seqs = [self._prompt_ids(m, p) for p in prompts]
             lasts = torch.tensor([s[-1] for s in seqs])
             if last is None:
-                last, n_prompt = lasts, [len(s) for s in seqs]
-                self._contexts = seqs
+                last, n_prompt, contexts = lasts, [len(s) for s in seqs], seqs
             elif not torch.equal(last, lasts):
                 raise ArfuseError("the models tokenize the prompt differently: the linear and cosine rules need one "
                                   "tokenizer; use the top-k-union rule (--rule union) for different tokenizers")
@@ -151,7 +151,7 @@ class Decoder:
                         ids[b, width - n:] = torch.tensor(s[:-1])
                         mask[b, width - n:] = True
                 st.feed(ids, mask)
-        return last, n_prompt
+        return last, n_prompt, contexts
 
     # ---- choosing tokens -----------------------------------------------------------------
     def _target(self, fused: torch.Tensor) -> torch.Tensor:
@@ -256,12 +256,8 @@ class Decoder:
         block = torch.cat([last[:, None], draft_t], 1)  # (B, G + 1)
         target = self._target(self.rule([st.feed(block) for st in states]))  # (B, G + 1, V): P at every position
         t2 = time.perf_counter()
-        p_draft = target[:, :G].gather(-1, draft_t[:, :, None].to(target.device))[:, :, 0].cpu()  # log P(d_i)
-        if U is None:
-            ok = target[:, :G].argmax(-1).cpu() == draft_t
-        else:
-            ok = U[:, g:g + G].log() < p_draft.double()
-        n = torch.cumprod((ok & valid).long(), dim=1).sum(1)  # (B,)
+        point_mass = target.new_zeros(1, 1, 1).expand(B, G, target.shape[-1])  # log q(d) = 0 (a view)
+        n = accepted_counts(draft_t, point_mass, target[:, :G], None if U is None else U[:, g:g + G], valid)
         at = target[torch.arange(B), n]  # (B, V): P where each row's accepted drafts end
         if U is None:
             y = self._pick(at, None)
@@ -324,9 +320,9 @@ class Decoder:
         # back before every yield: a paused stream leaves the models as they were
         kernels = SmallRowLinears(self.models, cfg.fast_kernels).active
         with kernels():
-            last, n_prompt = self._prefill(states, list(prompts))
+            last, n_prompt, contexts = self._prefill(states, list(prompts))
         rows = [_Row(i, p, n, cfg.seed + i) for i, (p, n) in enumerate(zip(prompts, n_prompt))]
-        for r, ctx in zip(rows, self._contexts):
+        for r, ctx in zip(rows, contexts):
             r.context = ctx
         self._rows = rows
         active = list(range(len(rows)))

@@ -14,9 +14,11 @@ from collections.abc import Sequence
 import torch
 
 
-def accepted_counts(draft: torch.Tensor, logq: torch.Tensor, logp: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+def accepted_counts(draft: torch.Tensor, logq: torch.Tensor, logp: torch.Tensor, u: torch.Tensor | None,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
     """How many leading drafts each row accepts: draft (B, g), logq and logp (B, g, V), u (B, g)
-    uniforms (None for greedy). Returns (B,) long in [0, g]."""
+    uniforms (None for greedy), valid (B, g) False at padding (never accepted). Returns (B,) long
+    in [0, g]."""
     if draft.shape[1] == 0:
         return torch.zeros(draft.shape[0], dtype=torch.long)
     idx = draft.unsqueeze(-1).to(logp.device)
@@ -25,6 +27,8 @@ def accepted_counts(draft: torch.Tensor, logq: torch.Tensor, logp: torch.Tensor,
     else:
         ratio = (logp.gather(-1, idx) - logq.gather(-1, idx)).squeeze(-1).double()  # log P(x)/q(x), (B, g)
         ok = u.double().to(ratio.device).log() < ratio
+    if valid is not None:
+        ok = ok & valid.to(ok.device)
     return torch.cumprod(ok.long(), dim=1).sum(1).cpu()
 
 

@@ -46,21 +46,6 @@ def split_pair(context: str, continuation: str) -> tuple[str, str]:
     return context, continuation
 
 
-def _token_bound(model: CausalLM, text: str) -> int | None:
-    """An upper bound on the tokens of ``text`` without tokenizing it, or None when unknown.
-
-    Byte-level BPE, SentencePiece with byte fallback and word-level tokenizers give at most one
-    token per UTF-8 byte of the text as their normaliser leaves it (NFKC can lengthen text, so
-    the normalised text is measured), plus a prefix token or two (8 to spare)."""
-    backend = getattr(getattr(model, "tokenizer", None), "backend_tokenizer", None)
-    if backend is not None:
-        norm = backend.normalizer
-        return len((norm.normalize_str(text) if norm is not None else text).encode()) + 8
-    if model.info.kind == "llama2c":  # SentencePiece-style vocabulary with byte fallback, no normaliser
-        return len(text.encode()) + 8
-    return None
-
-
 def score_continuations(model: CausalLM, pairs: list[tuple[str, str]], cfg: ScoreConfig, *, name: str,
                         batch_size: int = 8, use_cache: bool = True, progress: bool = True) -> Continuations:
     """Records of each continuation's tokens given its context (full context up to the window)."""
@@ -81,7 +66,7 @@ def score_continuations(model: CausalLM, pairs: list[tuple[str, str]], cfg: Scor
         block = docs[b0:b0 + BLOCK]
         window = cfg.window if model.info.max_length is None else min(cfg.window, model.info.max_length)
         # only blocks that may not fit the window are tokenized here to measure them
-        bounds = [_token_bound(model, d) for d in block]
+        bounds = [model.token_bound(d) for d in block]
         fits = all(b is not None for b in bounds) and max(bounds) + int(bos) <= window
         longest = 0 if fits else max(len(model.encode(d).ids) for d in block) + int(bos)
         if window < longest:  # every continuation sees its whole context when the model allows it
