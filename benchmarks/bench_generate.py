@@ -13,7 +13,12 @@ method produces exactly as many tokens), greedy:
 at batch 1 (prompts one at a time), then at batch 8 (assisted generation is batch 1 only), then the
 acceptance rate and speed against g, greedy and sampling (temperature 1). Two references show what
 the lookup trick gives the LLM alone: arfuse's decoder with no SLM, and transformers' own prompt
-lookup decoding (batch 1).
+lookup decoding (batch 1). SLM drafts run twice: with the drafter's output layer restricted to
+candidate tokens while drafting (arfuse's default, arfuse.generation.draft_head) and with its whole
+layer at every step; "hybrid" drafts copy where the text offers a copy and use the SLM otherwise.
+"Where drafts come right" checks, at every position of the fused greedy continuations of the
+batch-1 prompts, whether the SLM's best token and the lookup copy equal the fused model's token
+(the first draft's acceptance, by source).
 
 The SLM. Until the trainer gives an SLM on SmolLM2's tokenizer, this benchmark builds one: SmolLM2
 truncated to its first --layers layers, its output head factorised to rank --rank (SVD of the tied
@@ -229,6 +234,41 @@ def ours(llm, slm, prompts, n_new, w, **kw) -> tuple[int, float, object]:
     return sum(len(r.token_ids) for r in res), dt, res[0].stats
 
 
+def draft_agreement(llm, slm, prompts, n_new, w) -> dict:
+    """At each position of the fused greedy continuation of each prompt: does the SLM's best token,
+    the LLM's, or the lookup copy (by the length of the n-gram matched) equal the fused token?"""
+    from arfuse.generation.api import generate
+    from arfuse.generation.speculative import lookup_match
+
+    counts: dict[str, list[int]] = {}
+
+    def add(key: str, ok: bool) -> None:
+        c = counts.setdefault(key, [0, 0])
+        c[0] += int(ok)
+        c[1] += 1
+
+    for p in prompts:
+        r = generate(p, large=llm, small=slm, weight=w, max_new_tokens=n_new, stop_at_eos=False)
+        ids = llm.encode(p).ids
+        seq = ids + r.token_ids
+        best = {}  # each model's best next token after seq[:t], as it saw the text (with its own BOS rule)
+        for name, m in (("slm", slm), ("llm", llm)):
+            pre = [m.bos_id] if m.uses_bos("auto") else []
+            with torch.no_grad():
+                top = m.model(input_ids=torch.tensor([pre + seq])).logits[0].argmax(-1).tolist()
+            best[name] = top[len(pre) - 1:] if pre else [None] + top  # best[name][t]: the guess for seq[t]
+        for t in range(len(ids), len(seq)):
+            y = seq[t]
+            add("slm", best["slm"][t] == y)
+            add("llm", best["llm"][t] == y)
+            copy, n = lookup_match(seq[:t], 1)
+            add(f"lookup, {n}-gram match" if copy else "lookup, no match", bool(copy) and copy[0] == y)
+            add("hybrid (lookup if a match, else slm)", copy[0] == y if copy else best["slm"][t] == y)
+    total = counts["slm"][1]
+    return {k: {"agree": a, "positions": m, "share_of_positions": m / total, "rate": a / m}
+            for k, (a, m) in counts.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--large", default="smollm2-135m")
@@ -343,12 +383,16 @@ def main(argv=None) -> int:
 
     # ---- batch 1: methods interleaved prompt by prompt, so load changes hit them alike ----------
     spec_slm, spec_lookup = f"fused-spec (arfuse, SLM drafts, g={g})", f"fused-spec (arfuse, lookup drafts, g={g})"
+    spec_full = f"fused-spec (arfuse, SLM drafts, whole draft head, g={g})"
+    spec_hybrid = f"fused-spec (arfuse, hybrid drafts, g={g})"
     methods = {
         "llm-alone (transformers generate)": lambda p: hf_generate(hf_llm, tok, [p], n, do_sample=False)[:2],
         "llm-alone (arfuse decoder, no SLM)": lambda p: ours(llm, None, [p], n, None)[:2],
         "fused (arfuse, non-speculative)": lambda p: ours(llm, slm, [p], n, w)[:2],
         spec_slm: lambda p: ours(llm, slm, [p], n, w, speculative=g),
+        spec_full: lambda p: ours(llm, slm, [p], n, w, speculative=g, draft_head="full"),
         spec_lookup: lambda p: ours(llm, slm, [p], n, w, speculative=g, draft="lookup"),
+        spec_hybrid: lambda p: ours(llm, slm, [p], n, w, speculative=g, draft="hybrid"),
         f"hf-assisted (assistant_ensemble_weight={w:.4f})": lambda p: hf_generate(
             hf_llm, tok, [p], n, do_sample=False, assistant_model=hf_slm, assistant_ensemble_weight=w)[:2],
         # references: what the same lookup trick gives the LLM alone
@@ -380,7 +424,12 @@ def main(argv=None) -> int:
             st = stats[k]
             b1[k].update(acceptance_rate=sum(x.accepted for x in st) / max(1, sum(x.drafted for x in st)),
                          tokens_per_llm_pass=ntok / max(1, sum(x.large_passes for x in st)),
-                         draft_lengths_median=statistics.median([d for x in st for d in x.draft_lengths] or [0]))
+                         draft_lengths_median=statistics.median([d for x in st for d in x.draft_lengths] or [0]),
+                         cycles_by_draft={d: sum(x.cycles_by_draft.get(d, 0) for x in st) for d in ("slm", "lookup")})
+            if any(x.draft_head_positions for x in st):
+                b1[k].update(draft_vocab_median=statistics.median([x.draft_vocab for x in st]),
+                             draft_head_coverage=sum(x.draft_head_covered for x in st)
+                             / sum(x.draft_head_positions for x in st))
     report["batch1"] = b1
 
     # ---- batch 8 ------------------------------------------------------------------------------------
@@ -391,7 +440,9 @@ def main(argv=None) -> int:
             "llm-alone (arfuse decoder, no SLM)": lambda: ours(llm, None, PROMPTS, n, None)[:2],
             "fused (arfuse, non-speculative)": lambda: ours(llm, slm, PROMPTS, n, w)[:2],
             spec_slm: lambda: ours(llm, slm, PROMPTS, n, w, speculative=g),
+            spec_full: lambda: ours(llm, slm, PROMPTS, n, w, speculative=g, draft_head="full"),
             spec_lookup: lambda: ours(llm, slm, PROMPTS, n, w, speculative=g, draft="lookup"),
+            spec_hybrid: lambda: ours(llm, slm, PROMPTS, n, w, speculative=g, draft="hybrid"),
         }
         for rnd in range(args.rounds_b8):  # interleaved rounds, summed
             for k, fn in fns.items():
@@ -412,15 +463,23 @@ def main(argv=None) -> int:
             v["x_llm_alone"] = v["tokens_per_s"] / base8
         report["batch8"] = b8
 
+    # ---- where drafts come right: first-draft acceptance by source ------------------------------------
+    report["draft_agreement"] = {"prompts": args.prompts_b1, "new_tokens": n,
+                                 "rows": draft_agreement(llm, slm, PROMPTS[:args.prompts_b1], n, w)}
+
     # ---- acceptance against g ------------------------------------------------------------------------
     sweep = []
     for mode, kw in (("greedy", {}), ("sampling T=1", {"temperature": 1.0, "seed": 0}),
                      ("greedy, lookup", {"draft": "lookup"}), ("sampling, lookup", {"temperature": 1.0, "seed": 0,
-                                                                                     "draft": "lookup"})):
+                                                                                     "draft": "lookup"}),
+                     ("greedy, hybrid", {"draft": "hybrid"}), ("greedy, whole head", {"draft_head": "full"})):
         for gg in [int(x) for x in args.g_sweep.split(",")]:
             ntok, sec, st = ours(llm, slm, PROMPTS[:1], args.sweep_tokens, w, speculative=gg, **kw)
+            spec_cycles = sum(st.cycles_by_draft.values())
             sweep.append({"mode": mode, "g": gg, "acceptance_rate": st.acceptance_rate,
-                          "tokens_per_llm_pass": ntok / st.large_passes, "tokens_per_s": ntok / sec})
+                          "tokens_per_llm_pass": ntok / st.large_passes, "tokens_per_s": ntok / sec,
+                          "draft_ms_per_cycle": 1000 * st.draft_seconds / max(1, spec_cycles),
+                          "verify_ms_per_cycle": 1000 * st.verify_seconds / max(1, spec_cycles)})
             log(f"  {mode}, g={gg}: acceptance {st.acceptance_rate:.3f}, {ntok / st.large_passes:.2f} tokens per "
                 f"LLM pass, {ntok / sec:.2f} tokens/s")
     report["acceptance_vs_g"] = {"prompt": PROMPTS[0], "new_tokens": args.sweep_tokens, "rows": sweep}
@@ -461,6 +520,12 @@ def print_report(r: dict) -> None:
             xa = f"{v['x_hf_assisted']:.3f}" if "x_hf_assisted" in v else "-"
             extra = f"  acceptance {v['acceptance_rate']:.3f}" if v.get("acceptance_rate") is not None else ""
             extra += f", {v['tokens_per_llm_pass']:.2f} tokens/LLM pass" if v.get("tokens_per_llm_pass") else ""
+            if v.get("draft_head_coverage") is not None:
+                extra += (f", draft head {v['draft_vocab_median']:.0f} candidates, SLM best among them "
+                          f"{v['draft_head_coverage']:.1%}")
+            cyc = v.get("cycles_by_draft") or {}
+            if cyc.get("slm") and cyc.get("lookup"):
+                extra += f", cycles: lookup {cyc['lookup']}, slm {cyc['slm']}"
             print(f"{k:58s} {v['tokens_per_s']:9.2f} {v['x_llm_alone']:12.3f} {xa:>14s}{extra}")
     for key, label in (("pass_cost_stock", "F.linear (stock)"), ("pass_cost", "arfuse generation kernels")):
         if key in r:
@@ -468,10 +533,22 @@ def print_report(r: dict) -> None:
             print(f"\none LLM pass over T new tokens, {label} (median of 7, ms): " + ", ".join(
                 f"T={T}: {ms} ({pc['llm_relative_to_one_token'][T]}x)" for T, ms in pc["llm_ms_by_tokens"].items())
                   + f"; one SLM step: {pc['slm_one_token_ms']} ms ({pc['slm_relative_to_llm_step']}x an LLM step)")
+    if "draft_agreement" in r:
+        da = r["draft_agreement"]
+        print(f"\nwhere drafts come right: positions of the fused greedy continuations ({da['prompts']} prompts x "
+              f"{da['new_tokens']} tokens) where a source's next token is the fused model's")
+        print(f"{'source':40s} {'positions':>10s} {'share':>7s} {'agree':>7s}")
+        order = ["llm", "slm", "lookup, no match", "lookup, 1-gram match", "lookup, 2-gram match", "lookup, 3-gram match",
+                 "hybrid (lookup if a match, else slm)"]
+        for k, v in sorted(da["rows"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
+            print(f"{k:40s} {v['positions']:10d} {v['share_of_positions']:7.1%} {v['rate']:7.1%}")
     print(f"\nacceptance against g (prompt {r['acceptance_vs_g']['prompt'][:60]!r}..., {r['acceptance_vs_g']['new_tokens']} tokens)")
-    print(f"{'mode':16s} {'g':>3s} {'acceptance':>11s} {'tokens/LLM pass':>16s} {'tokens/s':>9s}")
+    print(f"{'mode':18s} {'g':>3s} {'acceptance':>11s} {'tokens/LLM pass':>16s} {'tokens/s':>9s} "
+          f"{'draft ms/cycle':>15s} {'verify ms/cycle':>16s}")
     for row in r["acceptance_vs_g"]["rows"]:
-        print(f"{row['mode']:16s} {row['g']:3d} {row['acceptance_rate']:11.3f} {row['tokens_per_llm_pass']:16.2f} {row['tokens_per_s']:9.2f}")
+        print(f"{row['mode']:18s} {row['g']:3d} {row['acceptance_rate']:11.3f} {row['tokens_per_llm_pass']:16.2f} "
+              f"{row['tokens_per_s']:9.2f} {row.get('draft_ms_per_cycle', float('nan')):15.1f} "
+              f"{row.get('verify_ms_per_cycle', float('nan')):16.1f}")
     if "weight_sweep" in r:
         ws = r["weight_sweep"]
         print(f"\nspeculation against w (greedy, g auto, prompt {ws['prompt'][:60]!r}..., {ws['new_tokens']} tokens; "

@@ -62,6 +62,26 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: OpenMP's spinning threads make small models and small
+    convolutions slower, not faster, on a shared 2-core machine; results do not depend on it."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_models):
+    """The tiny large and small models, loaded."""
+    from arfuse.adapters import load_model
+
+    return load_model(tiny_models["large"]), load_model(tiny_models["small"])
+
+
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory) -> str:
     p = tmp_path_factory.mktemp("data") / "text.txt"

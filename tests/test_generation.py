@@ -15,18 +15,12 @@ from arfuse.generation.speculative import accepted_counts
 PROMPTS = ["The quick brown", "In the beginning was", "A stitch", "Café naïve résumé and the lazy dog"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (several threads spin against each other on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def models(tiny_models):
-    return load_model(tiny_models["large"]), load_model(tiny_models["small"])
+def models(tiny_pair):
+    return tiny_pair
 
 
 def chi2_pvalue(observed: torch.Tensor, expected_p: torch.Tensor, min_expected: float = 5.0) -> tuple[float, int]:
@@ -121,27 +115,32 @@ def _exact_next(L, S, w, ids):
     return linear([L.logprobs(x)[0, -1], S.logprobs(x)[0, -1]], [w, 1 - w]).exp()
 
 
+def assert_first_two_follow_fused(L, S, w, prompt, res):
+    """Over many seeded runs of one prompt, the first token and the second (given the most frequent
+    first) follow P = w p_L + (1 - w) p_S: chi-square p-value > 0.001 for each."""
+    ids = L.encode(prompt).ids
+    eos = L.eos_id  # a sampled EOS ends the text: count it as the token it is
+    toks = [r.token_ids + ([eos] if r.finish_reason == "eos" else []) for r in res]
+    V = L.info.vocab_size
+    first = torch.tensor([t[0] for t in toks])
+    pval, dof = chi2_pvalue(torch.bincount(first, minlength=V), _exact_next(L, S, w, ids))
+    assert dof >= 3 and pval > 1e-3, (pval, dof)
+    mode = int(torch.bincount(first).argmax())
+    second = torch.tensor([t[1] for t in toks if t[0] == mode and len(t) > 1])
+    pval2, dof2 = chi2_pvalue(torch.bincount(second, minlength=V), _exact_next(L, S, w, ids + [mode]))
+    assert dof2 >= 2 and pval2 > 1e-3, (pval2, dof2)
+
+
 def test_speculative_sampling_matches_fused_distribution(models):
     """Over 4,000 seeded runs, the 1st token (draft accepted or resampled) and the 2nd token given the
     most frequent 1st follow P = w p_L + (1 - w) p_S: chi-square p-value > 0.001 for each."""
     L, S = models
     w, N = 0.5, 4000
     prompt = PROMPTS[0]
-    res = generate([prompt] * N, large=L, small=S, weight=w, max_new_tokens=3, temperature=1.0, speculative=2, seed=7)
+    res = generate([prompt] * N, large=L, small=S, weight=w, max_new_tokens=3, temperature=1.0, speculative=2, seed=7,
+                   draft_head="full")
     assert res[0].stats.accepted > 0 and res[0].stats.accepted < res[0].stats.drafted
-    ids = L.encode(prompt).ids
-    eos = L.eos_id  # a sampled EOS ends the text: count it as the token it is
-    toks = [r.token_ids + ([eos] if r.finish_reason == "eos" else []) for r in res]
-    first = torch.tensor([t[0] for t in toks])
-    V = L.info.vocab_size
-    p1 = _exact_next(L, S, w, ids)
-    pval, dof = chi2_pvalue(torch.bincount(first, minlength=V), p1)
-    assert dof >= 3 and pval > 1e-3, (pval, dof)
-    mode = int(torch.bincount(first).argmax())
-    second = torch.tensor([t[1] for t in toks if t[0] == mode])
-    p2 = _exact_next(L, S, w, ids + [mode])
-    pval2, dof2 = chi2_pvalue(torch.bincount(second, minlength=V), p2)
-    assert dof2 >= 2 and pval2 > 1e-3, (pval2, dof2)
+    assert_first_two_follow_fused(L, S, w, prompt, res)
 
 
 def test_speculative_sampling_with_top_k_temperature(models):
@@ -222,10 +221,10 @@ def test_draft_length_follows_acceptance_and_cost():
         d = DraftLength(g_max=8, start=(), probe_every=4)
         for _ in range(40):  # a verifying pass over n tokens takes 0.2 + t_token * n seconds
             g = d.next()
-            if g:
-                d.update(int(rate * 100), 100, t_draft, g + 1, 0.2 + t_token * (g + 1), 0.001)
+            if g:  # drafting g tokens: g small-model steps
+                d.update(int(rate * 100), 100, g, t_draft * g, g + 1, 0.2 + t_token * (g + 1), 0.001)
             else:
-                d.update(0, 0, t_draft, 1, 0.2 + t_token, 0.001)
+                d.update(0, 0, 0, t_draft, 1, 0.2 + t_token, 0.001)
         return d
 
     good = run(0.9, 0.01, 0.01)
@@ -275,17 +274,7 @@ def test_lookup_speculative_sampling_matches_fused_distribution(models):
     res = generate([prompt] * N, large=L, small=S, weight=w, max_new_tokens=3, temperature=1.0, speculative=2,
                    seed=3, draft="lookup")
     assert 0 < res[0].stats.accepted < res[0].stats.drafted
-    ids = L.encode(prompt).ids
-    eos = L.eos_id
-    toks = [r.token_ids + ([eos] if r.finish_reason == "eos" else []) for r in res]
-    V = L.info.vocab_size
-    first = torch.tensor([t[0] for t in toks])
-    pval, dof = chi2_pvalue(torch.bincount(first, minlength=V), _exact_next(L, S, w, ids))
-    assert dof >= 3 and pval > 1e-3, (pval, dof)
-    mode = int(torch.bincount(first).argmax())
-    second = torch.tensor([t[1] for t in toks if t[0] == mode and len(t) > 1])
-    pval2, dof2 = chi2_pvalue(torch.bincount(second, minlength=V), _exact_next(L, S, w, ids + [mode]))
-    assert dof2 >= 2 and pval2 > 1e-3, (pval2, dof2)
+    assert_first_two_follow_fused(L, S, w, prompt, res)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -306,3 +295,42 @@ def test_lookup_bad_input(models):
         generate("a", large=L, small=S, weight=0.5, speculative=2, draft="ngram")
     with pytest.raises(ArfuseError, match="draft='lookup' is a way of speculating"):
         generate("a", large=L, small=S, weight=0.5, draft="lookup")
+
+
+# ---- hybrid drafting: lookup where the text offers a copy, the SLM otherwise ---------------------
+@pytest.mark.parametrize("w", [0.3, 0.8])
+def test_hybrid_speculative_greedy_equals_fused_greedy(models, w):
+    L, S = models
+    prompts = PROMPTS + [REPEAT]
+    plain = generate(prompts, large=L, small=S, weight=w, max_new_tokens=24)
+    for g in (1, 3, "auto"):
+        spec = generate(prompts, large=L, small=S, weight=w, max_new_tokens=24, speculative=g, draft="hybrid")
+        assert [r.token_ids for r in spec] == [r.token_ids for r in plain], g
+    kinds: dict[str, int] = {}
+    for i, p in enumerate(prompts):  # one at a time: a row with no copy to make lets the SLM draft
+        one = generate(p, large=L, small=S, weight=w, max_new_tokens=24, speculative=2, draft="hybrid")
+        assert one.token_ids == plain[i].token_ids
+        for k, v in one.stats.cycles_by_draft.items():
+            kinds[k] = kinds.get(k, 0) + v
+    assert kinds.get("slm", 0) > 0 and kinds.get("lookup", 0) > 0, kinds
+
+
+def test_hybrid_speculative_sampling_matches_fused_distribution(models):
+    """The first cycle has nothing to copy (the SLM drafts), later ones copy where they can: the
+    first two tokens follow P over 4,000 seeded runs (chi-square p-value > 0.001 for each)."""
+    L, S = models
+    w, N = 0.5, 4000
+    prompt = PROMPTS[0]
+    res = generate([prompt] * N, large=L, small=S, weight=w, max_new_tokens=3, temperature=1.0, speculative=2,
+                   seed=9, draft="hybrid")
+    st = res[0].stats
+    assert st.cycles_by_draft.get("slm", 0) > 0 and 0 < st.accepted < st.drafted
+    assert_first_two_follow_fused(L, S, w, prompt, res)
+
+
+def test_hybrid_bad_input(models):
+    L, _ = models
+    with pytest.raises(ArfuseError, match="needs a small model to draft"):
+        generate("a", large=L, speculative=2, draft="hybrid")
+    with pytest.raises(ArfuseError, match="draft='hybrid' is a way of speculating"):
+        generate("a", large=L, draft="hybrid")

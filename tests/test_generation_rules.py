@@ -14,17 +14,12 @@ from arfuse.generation.rules import input_embeddings
 from arfuse.generation.state import ModelState
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def models(tiny_models):
-    return load_model(tiny_models["large"]), load_model(tiny_models["small"])
+def models(tiny_pair):
+    return tiny_pair
 
 
 # ---- cosine rule (model-free) ------------------------------------------------------------------

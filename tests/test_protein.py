@@ -43,13 +43,7 @@ def esm(tmp_path_factory) -> dict[str, str]:
             "small": str(build_tiny_esm(root / "esm_small", seed=1, layers=1, hidden=16))}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: OpenMP's spinning threads are slow on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

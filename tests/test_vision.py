@@ -20,14 +20,7 @@ from arfuse.tasks.images import is_image_data, load_image_dataset
 TAR = "vision/cifar10-test-jpg.tar"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP's spinning threads make small
-    convolutions 10-50x slower. Results do not depend on it (batch-size test below)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

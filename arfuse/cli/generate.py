@@ -38,10 +38,15 @@ def register(sub) -> None:
     p.add_argument("--speculative", type=_g, metavar="G", nargs="?", const="auto",
                    help="draft G tokens with the first small model per large-model pass; without G (or 'auto') G "
                         "is chosen from the measured acceptance rate and step times; exact for the fused distribution")
-    p.add_argument("--draft", choices=["slm", "lookup"], default="slm",
-                   help="with --speculative, who drafts: the small model (default) or 'lookup', tokens copied from "
+    p.add_argument("--draft", choices=["slm", "lookup", "hybrid"], default="slm",
+                   help="with --speculative, who drafts: the small model (default); 'lookup', tokens copied from "
                         "the text so far where its last tokens occurred before (no model step; every model then "
-                        "scores them in one pass)")
+                        "scores them in one pass); or 'hybrid', lookup where the text offers a copy, the small "
+                        "model otherwise")
+    p.add_argument("--draft-head", choices=["candidates", "full"], default="candidates",
+                   help="while the small model drafts, score a candidate set of likely tokens and run its whole output "
+                        "layer once per cycle (candidates, default; faster), or the whole layer every step (full); "
+                        "the output is the same")
     p.add_argument("--truncate", choices=["error", "left"], default="error",
                    help="a prompt too long for a model's context: refuse (default) or drop its oldest tokens")
     p.add_argument("--bos", choices=["auto", "always", "never"], default="auto", help="prepend BOS (default: auto)")
@@ -76,7 +81,8 @@ def run(args) -> int:
                       rule=args.rule, power=args.power, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop,
                       seed=args.seed, speculative=args.speculative, truncate=args.truncate, bos=args.bos,
-                      stream=True, device=args.device, dtype=args.dtype, draft=args.draft)
+                      stream=True, device=args.device, dtype=args.dtype, draft=args.draft,
+                      draft_head=args.draft_head)
     out = sys.stdout
     if args.json:
         for _ in stream:
@@ -101,6 +107,15 @@ def run(args) -> int:
         acc = "" if s.acceptance_rate is None else (
             f"; acceptance {s.acceptance_rate:.3f} over {s.drafted} drafts, draft lengths "
             f"{min(s.draft_lengths)}-{max(s.draft_lengths)}")
+        if s.cycles_by_draft:
+            n_cyc = sum(s.cycles_by_draft.values())
+            acc += (f"; per speculative cycle: drafting {1000 * s.draft_seconds / n_cyc:.1f} ms, verifying "
+                    f"{1000 * s.verify_seconds / n_cyc:.1f} ms")
+        if args.draft == "hybrid" and s.cycles_by_draft:
+            acc += "; cycles by drafter: " + ", ".join(f"{k} {v}" for k, v in sorted(s.cycles_by_draft.items()))
+        if s.draft_head_coverage is not None:
+            acc += (f"; draft head: {s.draft_vocab:,} candidate tokens, the SLM's best token among them at "
+                    f"{s.draft_head_coverage:.1%} of drafted positions")
         print(f"{s.new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_second:.2f} tokens/s), {s.large_passes} "
               f"large-model passes, {s.rule}, {s.mode}{acc}", file=sys.stderr)
     return 0

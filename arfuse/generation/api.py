@@ -83,7 +83,7 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
              top_k: int = 0, stop: str | Sequence[str] | None = None, seed: int = 0,
              speculative: int | str | None = None, truncate: str = "error", bos: str = "auto", stop_at_eos: bool = True,
              stream: bool = False, device: str = "cpu", dtype: str = "float32", fast_kernels: bool = True,
-             draft: str = "slm"):
+             draft: str = "slm", draft_head: str = "candidates"):
     """Generate from P = w p_LLM + (1 - w) p_SLM (or the cosine rule).
 
     ``large``/``small``: model names, paths or loaded ``CausalLM``s (``small`` may be a list).
@@ -91,15 +91,19 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
     model and verifies against P exactly. Prompt i of a list samples with seed + i, so its output
     is the same alone or in a batch. ``draft="lookup"`` takes the drafts from the text itself
     (where its last tokens occurred before) instead of the small model; every model then scores
-    them in one pass, and the output still follows P exactly. Returns a ``GenerationResult`` for
+    them in one pass, and the output still follows P exactly; ``draft="hybrid"`` copies where
+    every row's text offers a copy and lets the small model draft otherwise. Returns a ``GenerationResult`` for
     one prompt, a list for a list, or a ``Stream`` of ``Chunk``s with ``stream=True``.
     ``fast_kernels=False`` keeps ``F.linear`` for the few-row products of speculative
-    verification on a CPU (``arfuse.generation.kernels``).
+    verification on a CPU (``arfuse.generation.kernels``). ``draft_head="full"`` lets the drafting
+    SLM run its whole output layer at every draft step instead of scoring a candidate set
+    (``arfuse.generation.draft_head``); the output is the same.
     """
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            stop=list([stop] if isinstance(stop, str) else (stop or [])), seed=seed,
                            speculative=speculative, truncate=truncate, bos=bos,
-                           stop_at_eos=stop_at_eos, fast_kernels=fast_kernels, draft=draft)
+                           stop_at_eos=stop_at_eos, fast_kernels=fast_kernels, draft=draft,
+                           draft_head=draft_head)
     smalls = [] if small is None else ([small] if isinstance(small, (str, CausalLM)) else list(small))
     models = [_load(large, device, dtype)] + [_load(s, device, dtype) for s in smalls]
     fuse = build_rule(models, rule=rule, weight=weight, weights=weights, power=power, embeddings=embeddings)

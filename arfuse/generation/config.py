@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from arfuse.errors import ArfuseError
 
 TRUNCATE = ("error", "left")
-DRAFTS = ("slm", "lookup")
+DRAFTS = ("slm", "lookup", "hybrid")
+DRAFT_HEADS = ("candidates", "full")
 
 
 @dataclass
@@ -17,7 +18,13 @@ class GenerationConfig:
     speculative: None plain fused decoding; an int g >= 1 drafts g tokens per large-model pass;
     "auto" picks g from the measured acceptance rate and step times. draft: "slm", the first
     small model drafts step by step; "lookup", drafts are copied from the row's own text where its
-    last tokens occurred before, and every model (the SLM too) scores them in one pass.
+    last tokens occurred before, and every model (the SLM too) scores them in one pass; "hybrid",
+    lookup drafts in a cycle where every row's text offers a copy, SLM drafts otherwise (each with
+    its own g when speculative == "auto"). When sampling, a hybrid row's tokens follow P exactly but
+    can depend on the other rows of its batch (which drafter a cycle uses depends on all rows).
+    draft_head: "candidates", the drafting SLM's output layer scores a few thousand likely tokens
+    per draft step and its whole layer runs once per cycle (arfuse.generation.draft_head); "full",
+    the whole layer at every draft step. The output is the same either way.
     """
 
     max_new_tokens: int = 128
@@ -32,7 +39,8 @@ class GenerationConfig:
     stop_at_eos: bool = True
     bos: str = "auto"
     fast_kernels: bool = True            # CPU: 2-8-row products as W @ x.T (arfuse.generation.kernels)
-    draft: str = "slm"                   # who drafts: "slm" (the first small model) or "lookup" (the text itself)
+    draft: str = "slm"                   # who drafts: "slm" (the first small model), "lookup" (the text) or "hybrid"
+    draft_head: str = "candidates"       # the drafting SLM's head while drafting: "candidates" or "full"
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -54,10 +62,14 @@ class GenerationConfig:
                                   "per large-model pass), 'auto' to choose it from the measured acceptance rate, "
                                   "or None for plain fused decoding")
         if self.draft not in DRAFTS:
-            raise ArfuseError(f"draft {self.draft!r}: use 'slm' (the small model drafts) or 'lookup' (drafts copied "
-                              "from the text so far; every model verifies them in one pass)")
-        if self.draft == "lookup" and sp is None:
-            raise ArfuseError("draft='lookup' is a way of speculating: give speculative g (or 'auto') too")
+            raise ArfuseError(f"draft {self.draft!r}: use 'slm' (the small model drafts), 'lookup' (drafts copied "
+                              "from the text so far; every model verifies them in one pass) or 'hybrid' (lookup "
+                              "where the text offers a copy, the small model otherwise)")
+        if self.draft_head not in DRAFT_HEADS:
+            raise ArfuseError(f"draft_head {self.draft_head!r}: use 'candidates' (the drafting SLM scores a candidate "
+                              "set per step, its whole head once per cycle) or 'full' (its whole head every step)")
+        if self.draft != "slm" and sp is None:
+            raise ArfuseError(f"draft={self.draft!r} is a way of speculating: give speculative g (or 'auto') too")
         if not isinstance(self.max_draft, int) or self.max_draft < 1:
             raise ArfuseError(f"max_draft {self.max_draft!r} must be an integer >= 1")
         if self.truncate not in TRUNCATE:

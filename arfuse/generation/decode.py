@@ -18,6 +18,7 @@ import torch
 from arfuse.adapters.base import CausalLM
 from arfuse.errors import ArfuseError
 from arfuse.generation.config import GenerationConfig
+from arfuse.generation.draft_head import DraftHead
 from arfuse.generation.draft_length import DraftLength
 from arfuse.generation.sampling import residual, sample, transform
 from arfuse.generation.speculative import accepted_counts, lookup_draft
@@ -58,6 +59,18 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     draft_lengths: list[int] = field(default_factory=list)
+    cycles_by_draft: dict[str, int] = field(default_factory=dict)   # speculative cycles by drafter
+    draft_seconds: float = 0.0           # drafting in speculative cycles (model drafts: the drafter's steps)
+    verify_seconds: float = 0.0          # verifying passes of speculative cycles
+    draft_head: str = "full"             # "candidates": the drafter's head scored a candidate set while drafting
+    draft_vocab: int = 0                 # the candidate set's final size
+    draft_head_covered: int = 0          # drafted positions whose exact best SLM token was in the candidate set
+    draft_head_positions: int = 0
+
+    @property
+    def draft_head_coverage(self) -> float | None:
+        """Share of drafted positions where the SLM's exact best token was among its candidates."""
+        return self.draft_head_covered / self.draft_head_positions if self.draft_head_positions else None
 
     @property
     def tokens_per_second(self) -> float:
@@ -96,8 +109,9 @@ class Decoder:
     """Generates from the fused distribution of ``models`` (the LLM first) under ``rule``."""
 
     def __init__(self, models: Sequence[CausalLM], rule: Rule, config: GenerationConfig):
-        if config.speculative is not None and config.draft == "slm" and len(models) < 2:
-            raise ArfuseError("speculative decoding needs a small model to draft: give --small (or drop --speculative)")
+        if config.speculative is not None and config.draft in ("slm", "hybrid") and len(models) < 2:
+            raise ArfuseError("speculative decoding needs a small model to draft: give --small, use --draft lookup "
+                              "(drafts copied from the text itself), or drop --speculative")
         check_same_vocab(models)
         self.models = list(models)
         self.rule = rule
@@ -150,7 +164,10 @@ class Decoder:
                     if n:
                         ids[b, width - n:] = torch.tensor(s[:-1])
                         mask[b, width - n:] = True
-                st.feed(ids, mask)
+                lp = st.feed(ids, mask)
+                if self._draft_head is not None and st is states[1]:
+                    real = mask.to(lp.device)
+                    self._draft_head.observe([lp[b][real[b]] for b in range(len(seqs))])
         return last, n_prompt, contexts
 
     # ---- choosing tokens -----------------------------------------------------------------
@@ -181,18 +198,27 @@ class Decoder:
         B = last.shape[0]
         greedy = U is None
         t0 = time.perf_counter()
+        head = self._draft_head
         raw, logq, draft = [], [], []
         inp = last
         for i in range(g):
-            lq = drafter.feed(inp[:, None])[:, 0]  # p_S at this position, (B, V)
+            if head is None:
+                lq = drafter.feed(inp[:, None])[:, 0]  # p_S at this position, (B, V)
+                raw.append(lq)
+            else:  # q_C: p_S renormalised on the candidate set (the exact p_S comes after the loop)
+                with head.drafting():
+                    lq = head.spread(drafter.feed(inp[:, None])[:, 0])
             q = lq if greedy else self._target(lq)
             x = self._pick(q, None if greedy else U[:, i])
-            raw.append(lq)
             logq.append(q)
             draft.append(x)
             inp = x
         draft_t = torch.stack(draft, 1)  # (B, g)
-        raw_t, logq_t = torch.stack(raw, 1), torch.stack(logq, 1)  # (B, g, V)
+        logq_t = torch.stack(logq, 1)  # (B, g, V)
+        if head is None:
+            raw_t = torch.stack(raw, 1)
+        else:  # the exact head once, on every drafted position
+            raw_t = head.exact()  # (B, g, V)
         t1 = time.perf_counter()
         block = torch.cat([last[:, None], draft_t], 1)  # (B, g + 1)
         vlp = [st.feed(block) for st in others]  # each (B, g + 1, V)
@@ -220,6 +246,12 @@ class Decoder:
             fed_drafter = g + 1
             bonus = fused(lq_g, g)  # (B, V): P from every model there, not the LLM's alone
             y[full] = self._pick(bonus[full], None if greedy else U[full, 2 * g])
+        if head is not None:  # each row's distributions on its text join its candidate set
+            head.count_coverage(raw_t, n)
+            nl = n.tolist()
+            is_full = (n == g).tolist()
+            head.observe([torch.cat([raw_t[b, :min(nl[b] + 1, g)]] + ([lq_g[b:b + 1]] if is_full[b] else []))
+                          for b in range(B)])
         t4 = time.perf_counter()
         drafter.rollback(fed_drafter, 1 + n)
         for st in others:
@@ -228,7 +260,7 @@ class Decoder:
         s.large_passes += 1
         s.drafted += g * B
         s.accepted += int(n.sum())
-        timing.update(draft=(t1 - t0 + t4 - t3) / (g + (fed_drafter - g)), verify=t2 - t1,
+        timing.update(draft=t1 - t0 + t4 - t3, verify=t2 - t1, n_draft=g,
                       accepted=int(n.sum()), trials=int((n + (n < g).long()).sum()))
         nl = n.tolist()
         return [draft_t[b, :nl[b]].tolist() + [int(y[b])] for b in range(B)]
@@ -246,7 +278,7 @@ class Decoder:
             timing.pop("draft")
             out = self._plain_cycle(states, last, None if U is None else U[:, 2 * g:], timing)
             # nothing was drafted: every model's step is a one-token pass (for the draft-length chooser)
-            timing.update(verify=timing["verify"] + timing.pop("draft", 0.0), n_verify=1)
+            timing.update(verify=timing["verify"] + timing.pop("draft", 0.0), n_verify=1, draft=0.0)
             return out
         B = last.shape[0]
         lens = torch.tensor([len(d) for d in drafts])
@@ -273,7 +305,8 @@ class Decoder:
         s.large_passes += 1
         s.drafted += int(lens.sum())
         s.accepted += int(n.sum())
-        timing.update(verify=t2 - t1, n_verify=G + 1, accepted=int(n.sum()), trials=int((n + (n < lens).long()).sum()))
+        timing.update(verify=t2 - t1, n_verify=G + 1, n_draft=g, accepted=int(n.sum()),
+                      trials=int((n + (n < lens).long()).sum()))
         nl = n.tolist()
         return [draft_t[b, :nl[b]].tolist() + [int(y[b])] for b in range(B)]
 
@@ -316,6 +349,13 @@ class Decoder:
         cfg = self.cfg
         start = time.perf_counter()
         states = [ModelState(m) for m in self.models]
+        # the drafter's head restricted to likely tokens while it drafts (arfuse.generation.draft_head)
+        self._draft_head = None
+        if cfg.speculative is not None and cfg.draft in ("slm", "hybrid") and cfg.draft_head == "candidates":
+            self._draft_head = DraftHead.for_model(self.models[1])
+        self.stats.draft_head = "candidates" if self._draft_head is not None else "full"
+        if self._draft_head is not None:
+            self._draft_head.start(len(prompts))
         # few-row products as W @ x.T during the model calls (arfuse.generation.kernels), switched
         # back before every yield: a paused stream leaves the models as they were
         kernels = SmallRowLinears(self.models, cfg.fast_kernels).active
@@ -326,13 +366,22 @@ class Decoder:
             r.context = ctx
         self._rows = rows
         active = list(range(len(rows)))
-        chooser = DraftLength(g_max=cfg.max_draft) if cfg.speculative == "auto" else None
+        choosers: dict[str, DraftLength] = {}   # one per drafter ("slm", "lookup"): their costs differ
+        chooser = None
         self.results: list[GenerationResult] = []
         while active:
             remaining = min(cfg.max_new_tokens - len(rows[i].ids) for i in active)
             g = 0
+            kind = cfg.draft
             if cfg.speculative is not None:
-                g = chooser.next() if chooser else int(cfg.speculative)
+                if kind == "hybrid":  # copy where every row's text offers a copy, else the SLM drafts
+                    kind = "lookup" if all(lookup_draft(rows[i].context + rows[i].ids, 1) for i in active) else "slm"
+                if cfg.speculative == "auto":
+                    chooser = choosers.setdefault(kind, DraftLength(g_max=cfg.max_draft))
+                    g = chooser.next()
+                    self.stats.draft_lengths.append(g)
+                else:
+                    g = int(cfg.speculative)
                 if cfg.greedy:  # sampling keeps g, so that each row's random stream is used alike in any batch
                     g = max(0, min(g, remaining - 1))
             U = None if cfg.greedy else torch.stack(
@@ -342,18 +391,21 @@ class Decoder:
             with kernels():
                 if not g:
                     out = self._plain_cycle(states, last, U, timing)
-                elif cfg.draft == "lookup":
+                elif kind == "lookup":
                     out = self._lookup_cycle(states, last, g, U, timing,
                                              [rows[i].context + rows[i].ids for i in active])
                 else:
                     out = self._spec_cycle(states, last, g, U, timing)
             if chooser:
-                steps = max(g, 1) if g and cfg.draft == "slm" else 1
                 t_draft = timing.get("draft", 0.0)
-                other = time.perf_counter() - t0 - timing["verify"] - t_draft * steps
-                chooser.update(timing.get("accepted", 0), timing.get("trials", 0), t_draft,
+                other = time.perf_counter() - t0 - timing["verify"] - t_draft
+                chooser.update(timing.get("accepted", 0), timing.get("trials", 0), timing.get("n_draft", 0), t_draft,
                                timing.get("n_verify", g + 1), timing["verify"], max(other, 0.0))
             self.stats.cycles += 1
+            if g:
+                self.stats.cycles_by_draft[kind] = self.stats.cycles_by_draft.get(kind, 0) + 1
+                self.stats.draft_seconds += timing.get("draft", 0.0)
+                self.stats.verify_seconds += timing.get("verify", 0.0)
             keep, new_last = [], []
             for j, i in enumerate(active):
                 before = len(rows[i].ids)
@@ -369,11 +421,15 @@ class Decoder:
                 if keep:
                     for st in states:
                         st.select(sel)
+                    if self._draft_head is not None:
+                        self._draft_head.select(sel)
                 active = [active[j] for j in keep]
             last = torch.tensor(new_last, dtype=torch.long)
         self.stats.seconds = time.perf_counter() - start
-        if chooser:
-            self.stats.draft_lengths = chooser.history
-        elif cfg.speculative is not None:
+        if self._draft_head is not None:
+            s = self.stats
+            s.draft_vocab = self._draft_head.size
+            s.draft_head_covered, s.draft_head_positions = self._draft_head.covered, self._draft_head.positions
+        if cfg.speculative is not None and cfg.speculative != "auto":
             self.stats.draft_lengths = [int(cfg.speculative)]
         self.results = [GenerationResult(r.prompt, r.text, r.ids, r.reason, r.prompt_tokens) for r in rows]

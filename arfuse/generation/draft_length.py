@@ -2,25 +2,47 @@
 from __future__ import annotations
 
 
+def _line(points: dict[int, float], n: int) -> float | None:
+    """The measured value at n, else a least-squares line (slope >= 0) through the measured points."""
+    if n in points:  # measured: cost need not be linear in n (kernels switch with the row count)
+        return points[n]
+    if not points:
+        return None
+    pts = sorted(points.items())
+    if len(pts) == 1:
+        (n0, t0), = pts
+        return t0 * (1 + 0.05 * (n - n0)) if n0 else t0
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = max(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs), 0.0)
+    return max(my + slope * (n - mx), 1e-6)
+
+
 class DraftLength:
     """Picks g maximising expected tokens per second of a speculative cycle:
 
         tokens(g) = 1 + b + ... + b^g            (b: per-draft acceptance rate, measured)
-        time(g)   = (g + b^g) t_draft + t_verify(g + 1) + t_other
+        time(g)   = t_draft(g) + t_verify(g + 1) + t_other
 
-    t_verify(T), the time of one pass of the verifying models over T tokens, is a least-squares
-    line through the measured passes; every measurement is an exponential moving average, so g
-    follows the text as its predictability changes. When no g beats plain fused decoding
-    (1 / (t_draft + t_verify(1) + t_other) tokens per second), g is 0 but for periodic probes.
+    t_draft(g) is the measured time of a cycle's drafting with g drafts (the drafter's steps, its
+    output layer, and its step at the bonus position when every draft was accepted); t_verify(T)
+    the time of one pass of the verifying models over T tokens. Unmeasured values come from a
+    least-squares line through the measured ones (t_draft before any drafting is measured: g + b^g
+    plain small-model steps). Every measurement is an exponential moving average, so g follows
+    the text as its predictability changes. When no g beats plain fused decoding
+    (1 / (t_small + t_verify(1) + t_other) tokens per second, t_small the small models' step), g is
+    0 but for periodic probes. The first cycles (``start``) measure a plain step and two draft
+    lengths: a pass over one token can cost much less than the line through longer passes says.
     """
 
-    def __init__(self, g_max: int = 8, start: tuple[int, ...] = (2, 4), decay: float = 0.9, probe_every: int = 8):
+    def __init__(self, g_max: int = 8, start: tuple[int, ...] = (0, 2, 4), decay: float = 0.9, probe_every: int = 8):
         self.g_max = g_max
         self.start = list(start)
         self.decay = decay
         self.acc, self.trials = 1.0, 2.0        # prior: acceptance 1/2
-        self.t_draft: float | None = None
+        self.t_small: float | None = None       # the small models' step in a plain cycle
         self.t_other: float = 0.0
+        self.t_draft: dict[int, float] = {}     # drafting time of a cycle with g drafts
         self.t_verify: dict[int, float] = {}
         self.history: list[int] = []
         self.probe_every = probe_every
@@ -30,13 +52,17 @@ class DraftLength:
     def _ema(old: float | None, new: float, a: float = 0.3) -> float:
         return new if old is None else (1 - a) * old + a * new
 
-    def update(self, accepted: int, trials: int, t_draft_step: float, n_verify: int, t_verify: float,
+    def update(self, accepted: int, trials: int, g: int, t_draft: float, n_verify: int, t_verify: float,
                t_other: float) -> None:
-        """After a cycle: its drafts accepted and tried (0 and 0 for a plain cycle) and its timings."""
+        """After a cycle with g drafts (0: a plain cycle, whose t_draft is the small models' step):
+        its drafts accepted and tried, and its timings."""
         if trials:
             self.acc = self.decay * self.acc + accepted
             self.trials = self.decay * self.trials + trials
-        self.t_draft = self._ema(self.t_draft, t_draft_step)
+        if g:
+            self.t_draft[g] = self._ema(self.t_draft.get(g), t_draft)
+        else:
+            self.t_small = self._ema(self.t_small, t_draft)
         self.t_verify[n_verify] = self._ema(self.t_verify.get(n_verify), t_verify)
         self.t_other = self._ema(self.t_other, t_other)
 
@@ -45,28 +71,23 @@ class DraftLength:
         return min(self.acc / self.trials, 0.999)
 
     def _verify_time(self, n: int) -> float:
-        if n in self.t_verify:  # measured: pass cost need not be linear in n (kernels switch with the row count)
-            return self.t_verify[n]
-        pts = sorted(self.t_verify.items())
-        if not pts:  # nothing measured yet: any unit will do
-            return 1.0 + 0.05 * n
-        if len(pts) == 1:
-            (n0, t0), = pts
-            return t0 * (1 + 0.05 * (n - n0))
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-        slope = max(slope, 0.0)
-        return max(my + slope * (n - mx), 1e-6)
+        t = _line(self.t_verify, n)
+        return 1.0 + 0.05 * n if t is None else t  # nothing measured yet: any unit will do
+
+    def _draft_time(self, g: int) -> float:
+        t = _line(self.t_draft, g)
+        if t is None:
+            return (g + self.rate ** g) * (self.t_small or 0.0)
+        return t
 
     def expected_speed(self, g: int) -> float:
         b = self.rate
         tokens = sum(b ** i for i in range(g + 1))
-        return tokens / ((g + b ** g) * (self.t_draft or 0.0) + self._verify_time(g + 1) + self.t_other)
+        return tokens / (self._draft_time(g) + self._verify_time(g + 1) + self.t_other)
 
     def plain_speed(self) -> float:
         """Tokens per second without drafting: one step of every model per token."""
-        return 1.0 / ((self.t_draft or 0.0) + self._verify_time(1) + self.t_other)
+        return 1.0 / ((self.t_small or 0.0) + self._verify_time(1) + self.t_other)
 
     def next(self) -> int:
         """The next cycle's g; 0 (plain fused decoding) while drafting does not pay, with a

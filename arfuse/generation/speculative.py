@@ -37,10 +37,15 @@ def lookup_draft(seq: Sequence[int], g: int, max_ngram: int = 3) -> list[int]:
     earlier occurrence of its last n tokens (n = max_ngram, ..., 1; the longest match wins).
     [] when the last token never occurred before. Text repeats itself (names, refrains, verse
     formulas), and such drafts cost no model step (prompt-lookup decoding, Saxena 2023)."""
+    return lookup_match(seq, g, max_ngram)[0]
+
+
+def lookup_match(seq: Sequence[int], g: int, max_ngram: int = 3) -> tuple[list[int], int]:
+    """``lookup_draft``'s tokens and the length n of the matched n-gram (0: no match)."""
     n_seq = len(seq)
     for n in range(min(max_ngram, n_seq - 1), 0, -1):
         key = list(seq[n_seq - n:])
         for j in range(n_seq - n - 1, -1, -1):
             if list(seq[j:j + n]) == key:
-                return list(seq[j + n:j + n + g])
-    return []
+                return list(seq[j + n:j + n + g]), n
+    return [], 0
