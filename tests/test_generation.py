@@ -235,6 +235,31 @@ def test_draft_length_follows_acceptance_and_cost():
     assert tail.count(0) >= len(tail) * 0.7 and max(tail) >= 1  # mostly plain, still probing
 
 
+def test_draft_length_measures_a_plain_step_first():
+    """A one-token pass far cheaper than the line through longer passes (as with few-row kernels):
+    the chooser measures a plain step at the start, so poor drafts give way to plain decoding, and
+    good ones still win; drafting time is measured per g (a fixed cost plus a cost per draft)."""
+    from arfuse.generation.draft_length import DraftLength
+
+    def verify(n):
+        return 0.065 if n == 1 else 0.085 + 0.002 * n
+
+    def run(rate):
+        d = DraftLength(g_max=6)
+        for _ in range(40):
+            g = d.next()
+            if g:
+                d.update(int(rate * 100), 100, g, 0.005 + 0.0025 * g, g + 1, verify(g + 1), 0.001)
+            else:
+                d.update(0, 0, 0, 0.008, 1, verify(1), 0.001)
+        return d
+
+    poor = run(0.1)  # g = 1: 1.1 tokens in 0.096 s; plain: 1 token in 0.074 s
+    assert poor.history[:3] == [0, 2, 4] and poor.history[3:].count(0) >= 0.7 * len(poor.history[3:])
+    good = run(0.8)
+    assert min(good.history[3:]) >= 3
+
+
 # ---- lookup drafting ---------------------------------------------------------------------------
 def test_lookup_draft_copies_what_followed_the_longest_recent_match():
     from arfuse.generation.speculative import lookup_draft

@@ -199,10 +199,11 @@ class Decoder:
         greedy = U is None
         t0 = time.perf_counter()
         head = self._draft_head
+        restrict = head is not None and g > 1  # one draft: the whole head once either way
         raw, logq, draft = [], [], []
         inp = last
         for i in range(g):
-            if head is None:
+            if not restrict:
                 lq = drafter.feed(inp[:, None])[:, 0]  # p_S at this position, (B, V)
                 raw.append(lq)
             else:  # q_C: p_S renormalised on the candidate set (the exact p_S comes after the loop)
@@ -215,7 +216,7 @@ class Decoder:
             inp = x
         draft_t = torch.stack(draft, 1)  # (B, g)
         logq_t = torch.stack(logq, 1)  # (B, g, V)
-        if head is None:
+        if not restrict:
             raw_t = torch.stack(raw, 1)
         else:  # the exact head once, on every drafted position
             raw_t = head.exact()  # (B, g, V)
