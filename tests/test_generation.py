@@ -276,18 +276,28 @@ REPEAT = "the cat and the dog and the cat and the dog and the cat and the"
 
 
 @pytest.mark.parametrize("w", [0.3, 0.8])
-def test_lookup_speculative_greedy_equals_fused_greedy(models, w):
+@pytest.mark.parametrize("draft", ["lookup", "hybrid"])
+def test_copy_speculative_greedy_equals_fused_greedy(models, w, draft):
+    """Lookup drafts, and hybrid ones (lookup where the text offers a copy, the SLM otherwise)."""
     L, S = models
     prompts = PROMPTS + [REPEAT]
     plain = generate(prompts, large=L, small=S, weight=w, max_new_tokens=24)
     for g in (1, 3, "auto"):
-        spec = generate(prompts, large=L, small=S, weight=w, max_new_tokens=24, speculative=g, draft="lookup")
+        spec = generate(prompts, large=L, small=S, weight=w, max_new_tokens=24, speculative=g, draft=draft)
         assert [r.token_ids for r in spec] == [r.token_ids for r in plain], g
-        if g == 3:
+        if g == 3 and draft == "lookup":
             assert spec[0].stats.accepted > 0 and spec[0].stats.large_passes < sum(len(r.token_ids) for r in plain)
-    # the LLM alone can speculate on its own text too (no small model needed)
-    alone = generate(REPEAT, large=L, max_new_tokens=16)
-    assert generate(REPEAT, large=L, max_new_tokens=16, speculative=2, draft="lookup").token_ids == alone.token_ids
+    if draft == "lookup":  # the LLM alone can speculate on its own text too (no small model needed)
+        alone = generate(REPEAT, large=L, max_new_tokens=16)
+        assert generate(REPEAT, large=L, max_new_tokens=16, speculative=2, draft="lookup").token_ids == alone.token_ids
+        return
+    kinds: dict[str, int] = {}
+    for i, p in enumerate(prompts):  # one at a time: a row with no copy to make lets the SLM draft
+        one = generate(p, large=L, small=S, weight=w, max_new_tokens=24, speculative=2, draft="hybrid")
+        assert one.token_ids == plain[i].token_ids
+        for k, v in one.stats.cycles_by_draft.items():
+            kinds[k] = kinds.get(k, 0) + v
+    assert kinds.get("slm", 0) > 0 and kinds.get("lookup", 0) > 0, kinds
 
 
 def test_lookup_speculative_sampling_matches_fused_distribution(models):
@@ -323,23 +333,6 @@ def test_lookup_bad_input(models):
 
 
 # ---- hybrid drafting: lookup where the text offers a copy, the SLM otherwise ---------------------
-@pytest.mark.parametrize("w", [0.3, 0.8])
-def test_hybrid_speculative_greedy_equals_fused_greedy(models, w):
-    L, S = models
-    prompts = PROMPTS + [REPEAT]
-    plain = generate(prompts, large=L, small=S, weight=w, max_new_tokens=24)
-    for g in (1, 3, "auto"):
-        spec = generate(prompts, large=L, small=S, weight=w, max_new_tokens=24, speculative=g, draft="hybrid")
-        assert [r.token_ids for r in spec] == [r.token_ids for r in plain], g
-    kinds: dict[str, int] = {}
-    for i, p in enumerate(prompts):  # one at a time: a row with no copy to make lets the SLM draft
-        one = generate(p, large=L, small=S, weight=w, max_new_tokens=24, speculative=2, draft="hybrid")
-        assert one.token_ids == plain[i].token_ids
-        for k, v in one.stats.cycles_by_draft.items():
-            kinds[k] = kinds.get(k, 0) + v
-    assert kinds.get("slm", 0) > 0 and kinds.get("lookup", 0) > 0, kinds
-
-
 def test_hybrid_speculative_sampling_matches_fused_distribution(models):
     """The first cycle has nothing to copy (the SLM drafts), later ones copy where they can: the
     first two tokens follow P over 4,000 seeded runs (chi-square p-value > 0.001 for each)."""

@@ -247,9 +247,9 @@ class Decoder:
             fed_drafter = g + 1
             bonus = fused(lq_g, g)  # (B, V): P from every model there, not the LLM's alone
             y[full] = self._pick(bonus[full], None if greedy else U[full, 2 * g])
+        nl = n.tolist()
         if head is not None:  # each row's distributions on its text join its candidate set
             head.count_coverage(raw_t, n)
-            nl = n.tolist()
             is_full = (n == g).tolist()
             head.observe([torch.cat([raw_t[b, :min(nl[b] + 1, g)]] + ([lq_g[b:b + 1]] if is_full[b] else []))
                           for b in range(B)])
@@ -263,18 +263,14 @@ class Decoder:
         s.accepted += int(n.sum())
         timing.update(draft=t1 - t0 + t4 - t3, verify=t2 - t1, n_draft=g,
                       accepted=int(n.sum()), trials=int((n + (n < g).long()).sum()))
-        nl = n.tolist()
         return [draft_t[b, :nl[b]].tolist() + [int(y[b])] for b in range(B)]
 
-    def _lookup_cycle(self, states, last, g: int, U, timing: dict, contexts: list[list[int]]):
-        """Drafts copied from each row's own text (up to g, fewer where the match is short), scored
-        by every model in one pass over [last, drafts], verified against P like model drafts. A
-        copied draft is a point mass q = 1{x = d}: it is accepted with probability P(d), and a
-        rejection draws from max(0, P - q) normalised, which is P with d removed."""
-        t0 = time.perf_counter()
-        drafts = [lookup_draft(c, g) for c in contexts]
+    def _lookup_cycle(self, states, last, g: int, U, timing: dict, drafts: list[list[int]]):
+        """Drafts copied from each row's own text (``drafts``: up to g, fewer where the match is
+        short), scored by every model in one pass over [last, drafts], verified against P like model
+        drafts. A copied draft is a point mass q = 1{x = d}: it is accepted with probability P(d), and
+        a rejection draws from max(0, P - q) normalised, which is P with d removed."""
         G = max(len(d) for d in drafts)
-        timing["draft"] = time.perf_counter() - t0
         if G == 0:  # nothing to copy anywhere in the batch: a plain step
             timing.pop("draft")
             out = self._plain_cycle(states, last, None if U is None else U[:, 2 * g:], timing)
@@ -375,8 +371,14 @@ class Decoder:
             g = 0
             kind = cfg.draft
             if cfg.speculative is not None:
+                copies, t_copy = None, 0.0
+                if kind in ("lookup", "hybrid"):  # each row's copy, as long as any g may use (cut to g below)
+                    t_copy = time.perf_counter()
+                    cap = cfg.max_draft if cfg.speculative == "auto" else int(cfg.speculative)
+                    copies = [lookup_draft(rows[i].context + rows[i].ids, cap) for i in active]
+                    t_copy = time.perf_counter() - t_copy
                 if kind == "hybrid":  # copy where every row's text offers a copy, else the SLM drafts
-                    kind = "lookup" if all(lookup_draft(rows[i].context + rows[i].ids, 1) for i in active) else "slm"
+                    kind = "lookup" if all(copies) else "slm"
                 if cfg.speculative == "auto":
                     chooser = choosers.setdefault(kind, DraftLength(g_max=cfg.max_draft))
                     g = chooser.next()
@@ -393,8 +395,8 @@ class Decoder:
                 if not g:
                     out = self._plain_cycle(states, last, U, timing)
                 elif kind == "lookup":
-                    out = self._lookup_cycle(states, last, g, U, timing,
-                                             [rows[i].context + rows[i].ids for i in active])
+                    timing["draft"] = t_copy
+                    out = self._lookup_cycle(states, last, g, U, timing, [c[:g] for c in copies])
                 else:
                     out = self._spec_cycle(states, last, g, U, timing)
             if chooser:

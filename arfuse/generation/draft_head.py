@@ -6,9 +6,10 @@ while its layers take about 2 ms. Drafting only needs a guess of the next token,
 drafts, its head scores a candidate set C of tokens (per row: the 4,096 most probable over its
 prompt, and the top 32 of every exact distribution on its text since: about 4,100 tokens, 0.12 ms),
 and the exact head runs once per cycle, on every drafted position together (5 ms for 1 to 4
-rows), for P. A cycle with one draft runs the whole head once anyway and keeps it. Each row has its own set, built from its own distributions only, so a row's drafts
-and tokens never depend on the other rows of a batch (the product runs over the union of the sets;
-each row's logits outside its own set are masked). A row with no distribution seen yet (a
+rows), for P. A cycle with one draft runs the whole head once anyway and keeps it. Each row has
+its own set, built from its own distributions only, so a row's drafts and tokens never depend on
+the other rows of a batch (the product runs over the union of the sets; each row's logits outside
+its own set are masked). A row with no distribution seen yet (a
 one-token prompt) drafts from its whole vocabulary until it has one.
 
 Drafts are drawn from q_C, the SLM's distribution renormalised on C. Speculative verification is
@@ -16,10 +17,9 @@ exact for any draft distribution (the acceptance test and the residual use q_C i
 output is exactly the fused model's; only the acceptance rate can change, when the SLM's own best
 token lies outside C (its exact argmax was in C at 100.0% of drafted positions in
 bench_generate's runs on held-out KJV passages). ``GenerationStats.draft_head_coverage``
-reports that share for each run. Measured (benchmarks/bench_generate.py, 64 tokens, one
-thread): drafting per cycle 16 vs 27 ms at g = 3 in
-one interleaved comparison; 18 vs 22 ms (g = 2), 25 vs 31 ms (g = 3), 38 vs 59 ms (g = 6) in the
-benchmark's sweep. End to end it changes little on the benchmark's KJV pair, whose drafts are
+reports that share for each run. Measured (one thread): drafting per cycle 16 vs 27 ms at g = 3
+in one interleaved comparison; 18 vs 22 ms (g = 2), 25 vs 31 ms (g = 3), 38 vs 59 ms (g = 6) in
+the sweep of benchmarks/bench_generate.py (64 tokens). End to end it changes little on the benchmark's KJV pair, whose drafts are
 accepted a quarter of the time: there, verification dominates.
 
 Only an output layer that is a plain ``nn.Linear`` whose output is the model's logits qualifies:
