@@ -81,3 +81,55 @@ def test_generation_uses_them_and_restores(tiny_models):
         assert off.token_ids == on.token_ids
     finally:
         kernels._forward = real
+
+
+def _repeating(n_out: int, distinct: int, bias: bool, n_in: int = 24) -> torch.nn.Linear:
+    """A wide layer whose rows are copies of ``distinct`` rows (as a compact-vocabulary export has)."""
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(n_in, n_out, bias=bias)
+    src = torch.randint(0, distinct, (n_out,), generator=torch.Generator().manual_seed(2))
+    src[:distinct] = torch.arange(distinct)
+    with torch.no_grad():
+        lin.weight.copy_(lin.weight[src].clone())
+        if bias:
+            lin.bias.copy_(lin.bias[src].clone())
+    return lin
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_repeated_rows_are_computed_once_with_the_same_logits(bias):
+    lin = _repeating(9000, 700, bias)
+    rows = kernels.shared_rows(lin)
+    assert rows is not None and rows.distinct == 700
+    assert torch.equal(rows.weight[rows.index], lin.weight)
+    if bias:
+        assert torch.equal(rows.bias[rows.index], lin.bias)
+    net = torch.nn.Sequential(lin)
+    for n in range(1, 11):
+        for shape in ((n, 24), (1, n, 24), (2, n, 24)):
+            x = torch.randn(*shape)
+            with kernels.small_row_linears([_Holder(net)]) as switched:
+                assert switched == 1
+                got = lin(x)
+            torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+            assert got.shape == (*shape[:-1], 9000)
+    # a float64 layer is not switched for few-row products, but its repeated rows still count once
+    lin64 = _repeating(9000, 700, bias).to(torch.float64)
+    x = torch.randn(3, 24, dtype=torch.float64)
+    with kernels.small_row_linears([_Holder(torch.nn.Sequential(lin64))]) as switched:
+        assert switched == 1
+        torch.testing.assert_close(lin64(x), F.linear(x, lin64.weight, lin64.bias))
+
+
+def test_repeated_rows_only_when_worth_it_and_found_again_after_an_edit():
+    assert kernels.shared_rows(torch.nn.Linear(24, 9000)) is None            # all distinct
+    assert kernels.shared_rows(_repeating(9000, 7200, False)) is None        # 20% repeat: below SHARED_MIN
+    assert kernels.shared_rows(_repeating(100, 10, False)) is None           # narrow: never searched
+    lin = _repeating(9000, 6000, False)                                      # a third repeat
+    assert kernels.shared_rows(lin).distinct == 6000
+    with torch.no_grad():
+        lin.weight[6000] += 1.0  # a copy of row src[6000] now differs from it
+    assert kernels.shared_rows(lin).distinct == 6001
+    with kernels.small_row_linears([_Holder(torch.nn.Sequential(lin))]):
+        x = torch.randn(2, 24)
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)

@@ -95,7 +95,8 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
     every row's text offers a copy and lets the small model draft otherwise. Returns a ``GenerationResult`` for
     one prompt, a list for a list, or a ``Stream`` of ``Chunk``s with ``stream=True``.
     ``fast_kernels=False`` keeps ``F.linear`` for the few-row products of speculative
-    verification on a CPU (``arfuse.generation.kernels``). ``draft_head="full"`` lets the drafting
+    verification on a CPU, and the whole product for output layers with repeated rows (a
+    compact-vocabulary SLM from ``arfuse train``) (``arfuse.generation.kernels``). ``draft_head="full"`` lets the drafting
     SLM run its whole output layer at every draft step instead of scoring a candidate set
     (``arfuse.generation.draft_head``); the output is the same.
     """

@@ -38,7 +38,7 @@ class GenerationConfig:
     truncate: str = "error"              # a prompt too long for a model's context: "error" or "left"
     stop_at_eos: bool = True
     bos: str = "auto"
-    fast_kernels: bool = True            # CPU: 2-8-row products as W @ x.T (arfuse.generation.kernels)
+    fast_kernels: bool = True            # 2-8-row products as W @ x.T; repeated head rows once (generation.kernels)
     draft: str = "slm"                   # who drafts: "slm" (the first small model), "lookup" (the text) or "hybrid"
     draft_head: str = "candidates"       # the drafting SLM's head while drafting: "candidates" or "full"
 
