@@ -81,7 +81,7 @@ def test_speculative_greedy_equals_fused_greedy(models, w):
     L, S = models
     plain = generate(PROMPTS, large=L, small=S, weight=w, max_new_tokens=24)
     for g in (1, 3, "auto"):
-        spec = generate(PROMPTS, large=L, small=S, weight=w, max_new_tokens=24, speculative=g)
+        spec = generate(PROMPTS, large=L, small=S, weight=w, max_new_tokens=24, speculative=g, draft="slm")
         assert [r.token_ids for r in spec] == [r.token_ids for r in plain], g
         if w == 0.3 and g == 3:
             assert spec[0].stats.accepted > 0  # drafts were accepted, not only resampled
@@ -106,7 +106,7 @@ def test_weight_one_matches_transformers_greedy(models):
     ids = torch.tensor([L.encode(PROMPTS[0]).ids])
     ref = L.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                            eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
-    ours = generate(PROMPTS[0], large=L, small=S, weight=1.0, max_new_tokens=16, speculative=2)
+    ours = generate(PROMPTS[0], large=L, small=S, weight=1.0, max_new_tokens=16, speculative=2, draft="slm")
     assert ours.token_ids == ref
 
 
@@ -137,7 +137,7 @@ def test_speculative_sampling_matches_fused_distribution(models):
     L, S = models
     w, N = 0.5, 4000
     prompt = PROMPTS[0]
-    res = generate([prompt] * N, large=L, small=S, weight=w, max_new_tokens=3, temperature=1.0, speculative=2, seed=7,
+    res = generate([prompt] * N, large=L, small=S, weight=w, max_new_tokens=3, temperature=1.0, speculative=2, draft="slm", seed=7,
                    draft_head="full")
     assert res[0].stats.accepted > 0 and res[0].stats.accepted < res[0].stats.drafted
     assert_first_two_follow_fused(L, S, w, prompt, res)
@@ -147,7 +147,7 @@ def test_speculative_sampling_with_top_k_temperature(models):
     """Temperature and top-k apply to the fused P; the tokens never leave its top-k set."""
     L, S = models
     res = generate([PROMPTS[2]] * 400, large=L, small=S, weight=0.5, max_new_tokens=2, temperature=0.7, top_k=3,
-                   speculative=1, seed=1)
+                   speculative=1, draft="slm", seed=1)
     ids = L.encode(PROMPTS[2]).ids
     allowed = set(torch.topk(_exact_next(L, S, 0.5, ids), 3).indices.tolist())
     assert {r.token_ids[0] for r in res} <= allowed
@@ -158,10 +158,10 @@ def test_speculative_sampling_with_top_k_temperature(models):
 def test_batch_of_four_equals_one_at_a_time(models, spec, temperature):
     L, S = models
     batch = generate(PROMPTS, large=L, small=S, weight=0.5, max_new_tokens=12, temperature=temperature,
-                     speculative=spec, seed=11)
+                     speculative=spec, draft="slm" if spec else "auto", seed=11)
     for i, p in enumerate(PROMPTS):
         one = generate(p, large=L, small=S, weight=0.5, max_new_tokens=12, temperature=temperature,
-                       speculative=spec, seed=11 + i)
+                       speculative=spec, draft="slm" if spec else "auto", seed=11 + i)
         assert one.token_ids == batch[i].token_ids
         assert one.text == batch[i].text
 
@@ -285,6 +285,8 @@ def test_copy_speculative_greedy_equals_fused_greedy(models, w, draft):
     for g in (1, 3, "auto"):
         spec = generate(prompts, large=L, small=S, weight=w, max_new_tokens=24, speculative=g, draft=draft)
         assert [r.token_ids for r in spec] == [r.token_ids for r in plain], g
+        if draft == "hybrid" and g == 3:  # rows with a copy and rows without share cycles
+            assert spec[0].stats.cycles_by_draft.get("slm+copies", 0) > 0, spec[0].stats.cycles_by_draft
         if g == 3 and draft == "lookup":
             assert spec[0].stats.accepted > 0 and spec[0].stats.large_passes < sum(len(r.token_ids) for r in plain)
     if draft == "lookup":  # the LLM alone can speculate on its own text too (no small model needed)
@@ -344,6 +346,47 @@ def test_hybrid_speculative_sampling_matches_fused_distribution(models):
     st = res[0].stats
     assert st.cycles_by_draft.get("slm", 0) > 0 and 0 < st.accepted < st.drafted
     assert_first_two_follow_fused(L, S, w, prompt, res)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_hybrid_batch_of_four_equals_one_at_a_time(models, temperature):
+    """Each row copies or lets the SLM draft by its own text only: with a fixed g, a batch that mixes
+    copying rows and SLM-drafted rows gives every row the tokens it gets alone."""
+    L, S = models
+    prompts = PROMPTS[:3] + [REPEAT]
+    batch = generate(prompts, large=L, small=S, weight=0.5, max_new_tokens=12, temperature=temperature,
+                     speculative=2, seed=5, draft="hybrid")
+    assert batch[0].stats.cycles_by_draft.get("slm+copies", 0) > 0, batch[0].stats.cycles_by_draft
+    for i, p in enumerate(prompts):
+        one = generate(p, large=L, small=S, weight=0.5, max_new_tokens=12, temperature=temperature,
+                       speculative=2, seed=5 + i, draft="hybrid")
+        assert one.token_ids == batch[i].token_ids, i
+
+
+def test_draft_sources_choose_by_measured_acceptance():
+    from arfuse.generation.draft_length import DraftSources
+
+    s = DraftSources()
+    assert s.prefers_copy(2) and not s.prefers_copy(0)  # nothing measured: a tie goes to the copy; no match, no copy
+    for _ in range(10):
+        s.update("slm", 1.0)
+        s.update(1, 0.0)
+        s.update(3, 1.0)
+    assert not s.prefers_copy(1) and s.prefers_copy(3)
+    assert not s.prefers_copy(2)  # unmeasured 2-gram copies (prior 1/2) lose to an SLM that was right 10 times
+    assert abs(s.rate(1) - 0.9 ** 10 / (0.9 ** 10 * 2 + sum(0.9 ** i for i in range(10)))) < 1e-12
+
+
+def test_hybrid_lets_a_strong_slm_draft(models):
+    """With the LLM itself as the small model its drafts are always right and short copies are not:
+    hybrid drafting moves to the SLM, and the output is still the fused greedy text."""
+    L, _ = models
+    plain = generate(PROMPTS, large=L, small=L, weight=0.5, max_new_tokens=24)
+    spec = generate(PROMPTS, large=L, small=L, weight=0.5, max_new_tokens=24, speculative=2)  # draft "auto"
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    by = spec[0].stats.cycles_by_draft
+    assert by.get("slm", 0) > by.get("lookup", 0) + by.get("slm+copies", 0), by
+    assert spec[0].stats.acceptance_rate > 0.9
 
 
 def test_hybrid_bad_input(models):

@@ -34,13 +34,13 @@ def test_greedy_with_candidate_sets_equals_fused_greedy(models, small_sets, w):
     L, S = models
     plain = generate(PROMPTS, large=L, small=S, weight=w, max_new_tokens=24)
     for g in (1, 3, "auto"):
-        spec = generate(PROMPTS, large=L, small=S, weight=w, max_new_tokens=24, speculative=g)
+        spec = generate(PROMPTS, large=L, small=S, weight=w, max_new_tokens=24, speculative=g, draft="slm")
         assert [r.token_ids for r in spec] == [r.token_ids for r in plain], g
         st = spec[0].stats
         assert st.draft_head == "candidates"
         assert 0 < st.draft_vocab < L.info.vocab_size  # a strict subset of the vocabulary was scored
         assert st.draft_head_positions > 0 and 0.0 <= st.draft_head_coverage <= 1.0
-    full = generate(PROMPTS, large=L, small=S, weight=w, max_new_tokens=24, speculative=3, draft_head="full")
+    full = generate(PROMPTS, large=L, small=S, weight=w, max_new_tokens=24, speculative=3, draft="slm", draft_head="full")
     assert [r.token_ids for r in full] == [r.token_ids for r in plain]
     assert full[0].stats.draft_head == "full" and full[0].stats.draft_head_coverage is None
 
@@ -49,7 +49,7 @@ def test_one_token_prompt_drafts_from_the_whole_vocabulary_first(models, small_s
     L, S = models
     plain = generate("a", large=L, small=S, weight=0.5, max_new_tokens=12, bos="never")
     assert plain.prompt_tokens == 1
-    spec = generate("a", large=L, small=S, weight=0.5, max_new_tokens=12, bos="never", speculative=2)
+    spec = generate("a", large=L, small=S, weight=0.5, max_new_tokens=12, bos="never", speculative=2, draft="slm")
     assert spec.token_ids == plain.token_ids
 
 
@@ -59,7 +59,7 @@ def test_sampling_with_candidate_sets_matches_fused_distribution(models, small_s
     L, S = models
     w, N = 0.5, 4000
     prompt = PROMPTS[0]
-    res = generate([prompt] * N, large=L, small=S, weight=w, max_new_tokens=2, temperature=1.0, speculative=2, seed=3)
+    res = generate([prompt] * N, large=L, small=S, weight=w, max_new_tokens=2, temperature=1.0, speculative=2, draft="slm", seed=3)
     st = res[0].stats
     assert st.draft_head == "candidates" and 0 < st.accepted < st.drafted and st.draft_vocab < L.info.vocab_size
     assert_first_two_follow_fused(L, S, w, prompt, res)
@@ -70,10 +70,10 @@ def test_rows_do_not_depend_on_their_batch(models, small_sets, temperature):
     """Each row's set is built from its own distributions: batch 4 equals the prompts one at a time."""
     L, S = models
     batch = generate(PROMPTS, large=L, small=S, weight=0.5, max_new_tokens=14, temperature=temperature,
-                     speculative=2, seed=5)
+                     speculative=2, draft="slm", seed=5)
     for i, p in enumerate(PROMPTS):
         one = generate(p, large=L, small=S, weight=0.5, max_new_tokens=14, temperature=temperature,
-                       speculative=2, seed=5 + i)
+                       speculative=2, draft="slm", seed=5 + i)
         assert one.token_ids == batch[i].token_ids
 
 

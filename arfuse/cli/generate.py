@@ -36,13 +36,14 @@ def register(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop before this string; repeat for several")
     p.add_argument("--seed", type=int, default=0, help="random seed; prompt i samples with seed + i (default: 0)")
     p.add_argument("--speculative", type=_g, metavar="G", nargs="?", const="auto",
-                   help="draft G tokens with the first small model per large-model pass; without G (or 'auto') G "
-                        "is chosen from the measured acceptance rate and step times; exact for the fused distribution")
-    p.add_argument("--draft", choices=["slm", "lookup", "hybrid"], default="slm",
-                   help="with --speculative, who drafts: the small model (default); 'lookup', tokens copied from "
-                        "the text so far where its last tokens occurred before (no model step; every model then "
-                        "scores them in one pass); or 'hybrid', lookup where the text offers a copy, the small "
-                        "model otherwise")
+                   help="draft G tokens per large-model pass (who drafts: --draft); without G (or 'auto') G is "
+                        "chosen from the measured acceptance rate and step times; exact for the fused distribution")
+    p.add_argument("--draft", choices=["auto", "hybrid", "slm", "lookup"], default="auto",
+                   help="with --speculative, who drafts: 'hybrid', per prompt the text's own copy (tokens that "
+                        "followed an earlier occurrence of its last tokens) where such copies have been accepted "
+                        "at least as often as the small model's drafts, the small model otherwise; 'slm', the "
+                        "small model always; 'lookup', copies only (no model step; every model then scores them "
+                        "in one pass); 'auto' (default), hybrid with a small model, lookup without one")
     p.add_argument("--draft-head", choices=["candidates", "full"], default="candidates",
                    help="while the small model drafts, score a candidate set of likely tokens and run its whole output "
                         "layer once per cycle (candidates, default; faster), or the whole layer every step (full); "
@@ -111,7 +112,7 @@ def run(args) -> int:
             n_cyc = sum(s.cycles_by_draft.values())
             acc += (f"; per speculative cycle: drafting {1000 * s.draft_seconds / n_cyc:.1f} ms, verifying "
                     f"{1000 * s.verify_seconds / n_cyc:.1f} ms")
-        if args.draft == "hybrid" and s.cycles_by_draft:
+        if len(s.cycles_by_draft) > 1:
             acc += "; cycles by drafter: " + ", ".join(f"{k} {v}" for k, v in sorted(s.cycles_by_draft.items()))
         if s.draft_head_coverage is not None:
             acc += (f"; draft head: {s.draft_vocab:,} candidate tokens, the SLM's best token among them at "

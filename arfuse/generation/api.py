@@ -83,16 +83,18 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
              top_k: int = 0, stop: str | Sequence[str] | None = None, seed: int = 0,
              speculative: int | str | None = None, truncate: str = "error", bos: str = "auto", stop_at_eos: bool = True,
              stream: bool = False, device: str = "cpu", dtype: str = "float32", fast_kernels: bool = True,
-             draft: str = "slm", draft_head: str = "candidates"):
+             draft: str = "auto", draft_head: str = "candidates"):
     """Generate from P = w p_LLM + (1 - w) p_SLM (or the cosine rule).
 
     ``large``/``small``: model names, paths or loaded ``CausalLM``s (``small`` may be a list).
     ``temperature == 0`` is greedy; ``speculative`` g >= 1 (or "auto") drafts with the first small
     model and verifies against P exactly. Prompt i of a list samples with seed + i, so its output
-    is the same alone or in a batch. ``draft="lookup"`` takes the drafts from the text itself
-    (where its last tokens occurred before) instead of the small model; every model then scores
-    them in one pass, and the output still follows P exactly; ``draft="hybrid"`` copies where
-    every row's text offers a copy and lets the small model draft otherwise. Returns a ``GenerationResult`` for
+    is the same alone or in a batch. ``draft="slm"``: the small model drafts; ``draft="lookup"``
+    takes the drafts from the text itself (where its last tokens occurred before); every model then
+    scores them in one pass, and the output still follows P exactly; ``draft="hybrid"``: per prompt,
+    the text's copy where copies have been accepted at least as often as the small model's drafts,
+    the small model otherwise; ``draft="auto"`` (default): hybrid, or lookup without a small model.
+    Returns a ``GenerationResult`` for
     one prompt, a list for a list, or a ``Stream`` of ``Chunk``s with ``stream=True``.
     ``fast_kernels=False`` keeps ``F.linear`` for the few-row products of speculative
     verification on a CPU, and the whole product for output layers with repeated rows (a

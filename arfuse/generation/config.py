@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from arfuse.errors import ArfuseError
 
 TRUNCATE = ("error", "left")
-DRAFTS = ("slm", "lookup", "hybrid")
+DRAFTS = ("auto", "slm", "lookup", "hybrid")
 DRAFT_HEADS = ("candidates", "full")
 
 
@@ -18,10 +18,14 @@ class GenerationConfig:
     speculative: None plain fused decoding; an int g >= 1 drafts g tokens per large-model pass;
     "auto" picks g from the measured acceptance rate and step times. draft: "slm", the first
     small model drafts step by step; "lookup", drafts are copied from the row's own text where its
-    last tokens occurred before, and every model (the SLM too) scores them in one pass; "hybrid",
-    lookup drafts in a cycle where every row's text offers a copy, SLM drafts otherwise (each with
-    its own g when speculative == "auto"). When sampling, a hybrid row's tokens follow P exactly but
-    can depend on the other rows of its batch (which drafter a cycle uses depends on all rows).
+    last tokens occurred before, and every model (the SLM too) scores them in one pass; "hybrid":
+    each row drafts the copy its own text offers where
+    copies of that match length have been accepted at least as often as the SLM's drafts on its text
+    so far (both measured at every cycle), and the SLM drafts the other rows; a cycle where every row
+    copies is a lookup cycle (lookup and SLM cycles each have their own g when speculative ==
+    "auto"). A row's choices depend on its own text only, so with a fixed g its
+    tokens are the same alone or in any batch. "auto" (the default): "hybrid" with a small model,
+    "lookup" without one.
     draft_head: "candidates", the drafting SLM's output layer scores a few thousand likely tokens
     per draft step and its whole layer runs once per cycle (arfuse.generation.draft_head); "full",
     the whole layer at every draft step. The output is the same either way.
@@ -39,7 +43,8 @@ class GenerationConfig:
     stop_at_eos: bool = True
     bos: str = "auto"
     fast_kernels: bool = True            # 2-8-row products as W @ x.T; repeated head rows once (generation.kernels)
-    draft: str = "slm"                   # who drafts: "slm" (the first small model), "lookup" (the text) or "hybrid"
+    draft: str = "auto"                  # who drafts: "slm" (the first small model), "lookup" (the text), "hybrid"
+    #                                      (per row, the text's copy or the SLM) or "auto" (hybrid; lookup without an SLM)
     draft_head: str = "candidates"       # the drafting SLM's head while drafting: "candidates" or "full"
 
     def __post_init__(self):
@@ -63,12 +68,13 @@ class GenerationConfig:
                                   "or None for plain fused decoding")
         if self.draft not in DRAFTS:
             raise ArfuseError(f"draft {self.draft!r}: use 'slm' (the small model drafts), 'lookup' (drafts copied "
-                              "from the text so far; every model verifies them in one pass) or 'hybrid' (lookup "
-                              "where the text offers a copy, the small model otherwise)")
+                              "from the text so far; every model verifies them in one pass), 'hybrid' (per row, "
+                              "the text's copy where copies have done at least as well as the small model, the "
+                              "small model otherwise) or 'auto' (hybrid, or lookup without a small model)")
         if self.draft_head not in DRAFT_HEADS:
             raise ArfuseError(f"draft_head {self.draft_head!r}: use 'candidates' (the drafting SLM scores a candidate "
                               "set per step, its whole head once per cycle) or 'full' (its whole head every step)")
-        if self.draft != "slm" and sp is None:
+        if self.draft != "auto" and sp is None:
             raise ArfuseError(f"draft={self.draft!r} is a way of speculating: give speculative g (or 'auto') too")
         if not isinstance(self.max_draft, int) or self.max_draft < 1:
             raise ArfuseError(f"max_draft {self.max_draft!r} must be an integer >= 1")

