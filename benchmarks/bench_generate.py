@@ -15,7 +15,9 @@ acceptance rate and speed against g, greedy and sampling (temperature 1). Two re
 the lookup trick gives the LLM alone: arfuse's decoder with no SLM, and transformers' own prompt
 lookup decoding (batch 1). SLM drafts run twice: with the drafter's output layer restricted to
 candidate tokens while drafting (arfuse's default, arfuse.generation.draft_head) and with its whole
-layer at every step; "hybrid" drafts copy where the text offers a copy and use the SLM otherwise.
+layer at every step; "hybrid" drafts (arfuse's default drafter) copy, per row, where copies of that
+match length have been accepted at least as often as the SLM's drafts on the row's text, and use
+the SLM otherwise.
 "Where drafts come right" checks, at every position of the fused greedy continuations of the
 batch-1 prompts, whether the SLM's best token and the lookup copy equal the fused model's token
 (the first draft's acceptance, by source).
@@ -30,7 +32,9 @@ Usage: python benchmarks/bench_generate.py [--threads 1] [--json benchmarks/resu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import json
 import math
 import statistics
@@ -384,13 +388,13 @@ def main(argv=None) -> int:
     # ---- batch 1: methods interleaved prompt by prompt, so load changes hit them alike ----------
     spec_slm, spec_lookup = f"fused-spec (arfuse, SLM drafts, g={g})", f"fused-spec (arfuse, lookup drafts, g={g})"
     spec_full = f"fused-spec (arfuse, SLM drafts, whole draft head, g={g})"
-    spec_hybrid = f"fused-spec (arfuse, hybrid drafts, g={g})"
+    spec_hybrid = f"fused-spec (arfuse, hybrid drafts: the default, g={g})"
     methods = {
         "llm-alone (transformers generate)": lambda p: hf_generate(hf_llm, tok, [p], n, do_sample=False)[:2],
         "llm-alone (arfuse decoder, no SLM)": lambda p: ours(llm, None, [p], n, None)[:2],
         "fused (arfuse, non-speculative)": lambda p: ours(llm, slm, [p], n, w)[:2],
-        spec_slm: lambda p: ours(llm, slm, [p], n, w, speculative=g),
-        spec_full: lambda p: ours(llm, slm, [p], n, w, speculative=g, draft_head="full"),
+        spec_slm: lambda p: ours(llm, slm, [p], n, w, speculative=g, draft="slm"),
+        spec_full: lambda p: ours(llm, slm, [p], n, w, speculative=g, draft="slm", draft_head="full"),
         spec_lookup: lambda p: ours(llm, slm, [p], n, w, speculative=g, draft="lookup"),
         spec_hybrid: lambda p: ours(llm, slm, [p], n, w, speculative=g, draft="hybrid"),
         f"hf-assisted (assistant_ensemble_weight={w:.4f})": lambda p: hf_generate(
@@ -425,7 +429,8 @@ def main(argv=None) -> int:
             b1[k].update(acceptance_rate=sum(x.accepted for x in st) / max(1, sum(x.drafted for x in st)),
                          tokens_per_llm_pass=ntok / max(1, sum(x.large_passes for x in st)),
                          draft_lengths_median=statistics.median([d for x in st for d in x.draft_lengths] or [0]),
-                         cycles_by_draft={d: sum(x.cycles_by_draft.get(d, 0) for x in st) for d in ("slm", "lookup")})
+                         cycles_by_draft={d: sum(x.cycles_by_draft.get(d, 0) for x in st)
+                                          for d in ("slm", "lookup", "slm+copies")})
             if any(x.draft_head_positions for x in st):
                 b1[k].update(draft_vocab_median=statistics.median([x.draft_vocab for x in st]),
                              draft_head_coverage=sum(x.draft_head_covered for x in st)
@@ -439,8 +444,8 @@ def main(argv=None) -> int:
             "llm-alone (transformers generate)": lambda: hf_generate(hf_llm, tok, PROMPTS, n, do_sample=False)[:2],
             "llm-alone (arfuse decoder, no SLM)": lambda: ours(llm, None, PROMPTS, n, None)[:2],
             "fused (arfuse, non-speculative)": lambda: ours(llm, slm, PROMPTS, n, w)[:2],
-            spec_slm: lambda: ours(llm, slm, PROMPTS, n, w, speculative=g),
-            spec_full: lambda: ours(llm, slm, PROMPTS, n, w, speculative=g, draft_head="full"),
+            spec_slm: lambda: ours(llm, slm, PROMPTS, n, w, speculative=g, draft="slm"),
+            spec_full: lambda: ours(llm, slm, PROMPTS, n, w, speculative=g, draft="slm", draft_head="full"),
             spec_lookup: lambda: ours(llm, slm, PROMPTS, n, w, speculative=g, draft="lookup"),
             spec_hybrid: lambda: ours(llm, slm, PROMPTS, n, w, speculative=g, draft="hybrid"),
         }
@@ -469,10 +474,12 @@ def main(argv=None) -> int:
 
     # ---- acceptance against g ------------------------------------------------------------------------
     sweep = []
-    for mode, kw in (("greedy", {}), ("sampling T=1", {"temperature": 1.0, "seed": 0}),
+    for mode, kw in (("greedy", {"draft": "slm"}), ("sampling T=1", {"temperature": 1.0, "seed": 0, "draft": "slm"}),
                      ("greedy, lookup", {"draft": "lookup"}), ("sampling, lookup", {"temperature": 1.0, "seed": 0,
                                                                                      "draft": "lookup"}),
-                     ("greedy, hybrid", {"draft": "hybrid"}), ("greedy, whole head", {"draft_head": "full"})):
+                     ("greedy, hybrid", {"draft": "hybrid"}),
+                     ("sampling, hybrid", {"temperature": 1.0, "seed": 0, "draft": "hybrid"}),
+                     ("greedy, whole head", {"draft": "slm", "draft_head": "full"})):
         for gg in [int(x) for x in args.g_sweep.split(",")]:
             ntok, sec, st = ours(llm, slm, PROMPTS[:1], args.sweep_tokens, w, speculative=gg, **kw)
             spec_cycles = sum(st.cycles_by_draft.values())
@@ -489,7 +496,7 @@ def main(argv=None) -> int:
     for ww in [w] + [float(x) for x in args.w_sweep.split(",") if x]:
         nb, sb = hf_generate(hf_llm, tok, PROMPTS[:1], args.sweep_tokens, do_sample=False)[:2]
         nf, sf, _ = ours(llm, slm, PROMPTS[:1], args.sweep_tokens, ww)
-        ns, ss, st = ours(llm, slm, PROMPTS[:1], args.sweep_tokens, ww, speculative=g)
+        ns, ss, st = ours(llm, slm, PROMPTS[:1], args.sweep_tokens, ww, speculative=g, draft="slm")
         row = {"w": ww, "llm_alone_tokens_per_s": nb / sb, "fused_x_llm_alone": (nf / sf) / (nb / sb),
                "spec_x_llm_alone": (ns / ss) / (nb / sb), "spec_x_fused": (ns / ss) / (nf / sf),
                "acceptance_rate": st.acceptance_rate, "tokens_per_llm_pass": ns / st.large_passes,
@@ -499,11 +506,16 @@ def main(argv=None) -> int:
             f"acceptance {st.acceptance_rate}, {row['tokens_per_llm_pass']:.2f} tokens per LLM pass")
     report["weight_sweep"] = {"prompt": PROMPTS[0], "new_tokens": args.sweep_tokens, "decoding": "greedy", "rows": wrows}
 
-    print_report(report)
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        print_report(report)
+    print(text.getvalue(), end="")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
-        print(f"written: {args.json}")
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=str))
+        out.with_suffix(".txt").write_text(text.getvalue().lstrip("\n"))
+        print(f"written: {out} and {out.with_suffix('.txt')}")
     return 0
 
 
@@ -523,9 +535,9 @@ def print_report(r: dict) -> None:
             if v.get("draft_head_coverage") is not None:
                 extra += (f", draft head {v['draft_vocab_median']:.0f} candidates, SLM best among them "
                           f"{v['draft_head_coverage']:.1%}")
-            cyc = v.get("cycles_by_draft") or {}
-            if cyc.get("slm") and cyc.get("lookup"):
-                extra += f", cycles: lookup {cyc['lookup']}, slm {cyc['slm']}"
+            cyc = {d: c for d, c in (v.get("cycles_by_draft") or {}).items() if c}
+            if len(cyc) > 1:
+                extra += ", cycles: " + ", ".join(f"{d} {c}" for d, c in cyc.items())
             print(f"{k:58s} {v['tokens_per_s']:9.2f} {v['x_llm_alone']:12.3f} {xa:>14s}{extra}")
     for key, label in (("pass_cost_stock", "F.linear (stock)"), ("pass_cost", "arfuse generation kernels")):
         if key in r:
@@ -551,7 +563,7 @@ def print_report(r: dict) -> None:
               f"{row.get('verify_ms_per_cycle', float('nan')):16.1f}")
     if "weight_sweep" in r:
         ws = r["weight_sweep"]
-        print(f"\nspeculation against w (greedy, g auto, prompt {ws['prompt'][:60]!r}..., {ws['new_tokens']} tokens; "
+        print(f"\nspeculation against w (greedy, SLM drafts, g auto, prompt {ws['prompt'][:60]!r}..., {ws['new_tokens']} tokens; "
               "each w is a different fused model)")
         print(f"{'w':>8s} {'fused x LLM':>12s} {'spec x LLM':>11s} {'spec x fused':>13s} {'acceptance':>11s} {'tokens/LLM pass':>16s}")
         for row in ws["rows"]:

@@ -366,7 +366,7 @@ def test_hybrid_batch_of_four_equals_one_at_a_time(models, temperature):
 def test_draft_sources_choose_by_measured_acceptance():
     from arfuse.generation.draft_length import DraftSources
 
-    s = DraftSources()
+    s = DraftSources(decay=0.9)
     assert s.prefers_copy(2) and not s.prefers_copy(0)  # nothing measured: a tie goes to the copy; no match, no copy
     for _ in range(10):
         s.update("slm", 1.0)
