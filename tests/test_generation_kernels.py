@@ -17,12 +17,14 @@ class _Holder:
         self.model = module
 
 
+@pytest.mark.parametrize("pad_one", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("out_features", [7, 9000])  # an ordinary and a wide (vocabulary-like) layer
-def test_small_row_products_equal_f_linear(bias, out_features):
+def test_small_row_products_equal_f_linear(bias, out_features, pad_one):
     torch.manual_seed(0)
     lin = torch.nn.Linear(48, out_features, bias=bias)
     net = torch.nn.Sequential(lin)
+    kernels._ONE_ROW[net] = pad_one  # as if measured: one row alone, or padded to two
     for rows in range(1, 11):
         for shape in ((rows, 48), (1, rows, 48)):
             x = torch.randn(*shape)
@@ -36,6 +38,28 @@ def test_small_row_products_equal_f_linear(bias, out_features):
     xt = torch.randn(48, 3).t()
     with kernels.small_row_linears([_Holder(net)]):
         torch.testing.assert_close(lin(xt), F.linear(xt, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_one_row_padding_is_measured_once_per_model(monkeypatch):
+    calls = []
+
+    def measure(weights, sweeps=3):
+        calls.append([tuple(w.shape) for w in weights])
+        return True
+
+    monkeypatch.setattr(kernels, "_measure_one_row", measure)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4), torch.nn.Linear(4, 4).double())
+    for _ in range(2):
+        with kernels.small_row_linears([_Holder(net)]):
+            x = torch.randn(1, 8)
+            torch.testing.assert_close(net[1](net[0](x)), F.linear(F.linear(x, net[0].weight, net[0].bias),
+                                                                   net[1].weight, net[1].bias), rtol=1e-5, atol=1e-5)
+    assert calls == [[(16, 8), (4, 16)]]  # once, over the switched float32 layers in order
+    assert kernels._PAD_ONE[net[0]] is True and net[2] not in kernels._PAD_ONE
+    # the real measurement: a plain answer, and none for layers it cannot switch
+    monkeypatch.undo()
+    assert kernels._measure_one_row([torch.randn(64, 32)], sweeps=1) in (True, False)
+    assert kernels._measure_one_row([torch.randn(4, 4).double()]) is False
 
 
 def test_switched_only_inside_and_only_float32_cpu():

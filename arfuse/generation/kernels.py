@@ -14,9 +14,16 @@ one-row cost up to a few rows: measured on this project's 2-core AMD EPYC (1 thr
     49,152 x 576 head, W @ x.T   9.1  10.0  10.5  17.4
 
 ``small_row_linears`` swaps that product in, for float32 CPU linears only and only while
-generation runs (the ``forward`` attribute of each ``nn.Linear`` instance, restored on exit); one
-row keeps ``F.linear``, so plain decoding at batch 1 runs the stock kernel. Results are the same
-products summed in another order (float32 rounding).
+generation runs (the ``forward`` attribute of each ``nn.Linear`` instance, restored on exit).
+Results are the same products summed in another order (float32 rounding).
+
+One row. On some CPUs a two-row product beats the one-row ``F.linear`` of a layer whose weights
+stream from memory: on this project's later 2-core AMD EPYC (Zen 5, 32 MiB L3) a whole SmolLM2 step
+took 37.9 ms with ``F.linear`` and 35.5 ms computing a zero row beside the real one, while the KJV
+SLM, whose weights stay in cache, gained nothing (1.06 vs 1.09 ms); on the machine of the table
+above two rows cost 10% more than one. So each model's one-row path is measured once per process
+(``pads_one_row``: one row through all its layers in order, as a step streams them, against the
+padded product, best of three sweeps each) and padded only where that is 5% faster.
 
 Output layers with repeated rows. A model trained with a compact vocabulary (``arfuse train``,
 ``compact_vocab``) is exported with one shared row for every token its text never held: the KJV
@@ -28,6 +35,8 @@ thread), so that the SLM no longer costs a fused step more than its layers do.
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 import types
 import weakref
 from collections.abc import Iterator, Sequence
@@ -46,29 +55,34 @@ SHARED_MIN = 0.25
 PROBE_COLUMNS = 8   # rows that differ in their first columns differ: a cheap bound before the full search
 
 
-def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad_one: bool = False) -> torch.Tensor:
     out_f, in_f = weight.shape
     rows = x.numel() // in_f if in_f else 0
     limit = MAX_ROWS_WIDE if out_f >= WIDE else MAX_ROWS
-    if rows < 2 or rows > limit or x.dtype != torch.float32 or weight.device.type != "cpu":
+    if (rows < 2 and not (rows == 1 and pad_one)) or rows > limit or x.dtype != torch.float32 \
+            or weight.device.type != "cpu":
         return F.linear(x, weight, bias)
     # both copies are a few rows: a contiguous x keeps MKL on its fast transposed-B path (a
     # column-major x, as a transposed output would pass on to the next layer, is 3x slower)
     x2 = x.reshape(rows, in_f).contiguous()
-    if rows in PAD_TO:  # MKL's 4-row kernel beats its 3-row one: compute a zero row too, drop it
-        x2 = torch.cat([x2, x2.new_zeros(PAD_TO[rows] - rows, in_f)])
+    pad = 2 if rows == 1 else PAD_TO.get(rows, rows)
+    if pad > rows:  # MKL's 4-row kernel beats its 3-row one (and, measured, 2 rows beat 1): compute zero rows too
+        x2 = torch.cat([x2, x2.new_zeros(pad - rows, in_f)])
     y = torch.mm(weight, x2.t())[:, :rows].t().contiguous()
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], out_f)
 
 
+_PAD_ONE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # layer -> one row runs as two (measured)
+
+
 def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return _product(x, self.weight, self.bias)
+    return _product(x, self.weight, self.bias, _PAD_ONE.get(self, False))
 
 
 def _shared_forward(self: torch.nn.Linear, x: torch.Tensor, rows: SharedRows) -> torch.Tensor:
-    y = _product(x, rows.weight, rows.bias)  # (..., distinct)
+    y = _product(x, rows.weight, rows.bias, _PAD_ONE.get(self, False))  # (..., distinct)
     # a 2-D index_select: on a (1, 1, 10,446) -> 49,152 copy 25 us, against 100 us along the last dim of 3-D
     return y.reshape(-1, y.shape[-1]).index_select(1, rows.index).reshape(*y.shape[:-1], rows.index.numel())
 
@@ -116,6 +130,42 @@ def _find_shared(w: torch.Tensor, b: torch.Tensor | None) -> SharedRows | None:
                       index.to(w.device))
 
 
+_ONE_ROW: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model module -> pad one row to two
+ONE_ROW_GAIN = 0.95   # pad where the padded sweep takes at most this share of the one-row sweep's time
+
+
+def pads_one_row(module: torch.nn.Module, weights: Sequence[torch.Tensor]) -> bool:
+    """Whether ``module``'s one-row products run faster as two-row ones (a zero row computed and
+    dropped): measured once per module and process (``_measure_one_row``) and kept."""
+    hit = _ONE_ROW.get(module)
+    if hit is None:
+        hit = _ONE_ROW[module] = _measure_one_row(weights)
+    return hit
+
+
+@torch.no_grad()
+def _measure_one_row(weights: Sequence[torch.Tensor], sweeps: int = 3) -> bool:
+    """One row through every weight in order (as a decoding step streams them from memory, or from
+    cache for a small model) with ``F.linear``, against the padded two-row product; best of
+    ``sweeps`` interleaved sweeps each (about 6 steps' worth of time for SmolLM2-135M, once)."""
+    ws = [w for w in weights if w.dtype == torch.float32 and w.device.type == "cpu" and w.dim() == 2]
+    if not ws:
+        return False
+    ones = {n: torch.randn(1, n) for n in {w.shape[1] for w in ws}}
+    twos = {n: torch.cat([x, x.new_zeros(1, n)]) for n, x in ones.items()}
+    best = {False: math.inf, True: math.inf}
+    for _ in range(sweeps):
+        for pad in (False, True):
+            t0 = time.perf_counter()
+            for w in ws:
+                if pad:
+                    torch.mm(w, twos[w.shape[1]].t())
+                else:
+                    F.linear(ones[w.shape[1]], w)
+            best[pad] = min(best[pad], time.perf_counter() - t0)
+    return best[True] <= ONE_ROW_GAIN * best[False]
+
+
 def _linears(model) -> list[torch.nn.Linear]:
     module = getattr(model, "model", None)
     if not isinstance(module, torch.nn.Module):
@@ -140,8 +190,15 @@ class SmallRowLinears:
     cycle's model calls, so that a paused stream leaves the models untouched)."""
 
     def __init__(self, models: Sequence, enabled: bool = True):
-        pairs = [(lin, _switch(lin)) for model in models for lin in _linears(model)] if enabled else []
-        self.pairs = [(lin, fwd) for lin, fwd in pairs if fwd is not None]
+        self.pairs = []
+        for model in models if enabled else []:
+            pairs = [(lin, _switch(lin)) for lin in _linears(model)]
+            pairs = [(lin, fwd) for lin, fwd in pairs if fwd is not None]
+            if pairs:  # the product each layer runs: its distinct rows where they repeat
+                pad = pads_one_row(model.model, [(shared_rows(lin) or lin).weight for lin, _ in pairs])
+                for lin, _ in pairs:
+                    _PAD_ONE[lin] = pad
+            self.pairs += pairs
         self.shared = {lin: shared_rows(lin) for lin, _ in self.pairs if shared_rows(lin) is not None}
 
     @contextlib.contextmanager
@@ -161,8 +218,9 @@ class SmallRowLinears:
 
 
 def small_row_linears(models: Sequence, enabled: bool = True):
-    """While inside, the float32 CPU ``nn.Linear`` layers of ``models`` multiply 2 to 8 rows as W @ x.T,
-    and wide layers with repeated rows compute their distinct rows only.
+    """While inside, the float32 CPU ``nn.Linear`` layers of ``models`` multiply 2 to 8 rows as W @ x.T
+    (one row too, padded to two, in models where that measured faster), and wide layers with
+    repeated rows compute their distinct rows only.
 
     Yields how many layers were switched. Layers already switched (nested use) are left alone.
     """
