@@ -128,3 +128,25 @@ def test_models_whose_logits_are_not_the_output_layer_keep_the_whole_head():
         logits=model.model.lm_head(model.model.emb(input_ids)))
     assert DraftHead.for_model(model) is not None
     assert DraftHead.for_model(SimpleNamespace(model=torch.nn.Linear(2, 2))) is None  # no output layer to find
+
+
+def test_a_head_with_repeated_rows_drafts_whole_when_the_kernels_compute_them_once():
+    """A compact-vocabulary head (most rows shared, as arfuse train exports) is cheap with the
+    generation kernels: no candidate set then; without the kernels it still gets one."""
+    class Compact(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(9000, 4)
+            self.lm_head = torch.nn.Linear(4, 9000, bias=False)
+            with torch.no_grad():
+                self.lm_head.weight[100:] = self.lm_head.weight[99]  # 8,901 rows share one
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def forward(self, input_ids, use_cache=False):
+            return SimpleNamespace(logits=self.lm_head(self.emb(input_ids)))
+
+    model = SimpleNamespace(model=Compact(), bos_id=None)
+    assert DraftHead.for_model(model, shared_rows_once=True) is None
+    assert DraftHead.for_model(model) is not None

@@ -397,7 +397,7 @@ class Decoder:
         # the drafter's head restricted to likely tokens while it drafts (arfuse.generation.draft_head)
         self._draft_head = None
         if cfg.speculative is not None and self.draft in ("slm", "hybrid") and cfg.draft_head == "candidates":
-            self._draft_head = DraftHead.for_model(self.models[1])
+            self._draft_head = DraftHead.for_model(self.models[1], shared_rows_once=cfg.fast_kernels)
         self.stats.draft_head = "candidates" if self._draft_head is not None else "full"
         if self._draft_head is not None:
             self._draft_head.start(len(prompts))

@@ -34,6 +34,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from arfuse.generation.kernels import shared_rows
+
 TOP_K = 32          # each exact distribution's best tokens join its row's set
 PRIOR = 4096        # a row's first distributions: their most probable tokens join its set
 
@@ -71,11 +73,17 @@ class DraftHead:
         self.positions = 0
 
     @classmethod
-    def for_model(cls, model) -> DraftHead | None:
+    def for_model(cls, model, shared_rows_once: bool = False) -> DraftHead | None:
         """A DraftHead for ``model`` if its logits are exactly its output layer applied to the last
-        hidden state (a probe on two tokens), else None."""
+        hidden state (a probe on two tokens), else None. None too with ``shared_rows_once`` (the
+        generation kernels are on) for a layer whose repeated rows those kernels compute once (a
+        compact-vocabulary SLM from ``arfuse train``): its whole head is cheap already (0.4 ms on
+        the KJV SLM), and candidates only added work (bench_generate, three runs: whole head
+        1.006/1.028/1.041x SmolLM2 alone, candidates 1.000/1.006/1.014x)."""
         lin = output_layer(model)
         if lin is None:
+            return None
+        if shared_rows_once and shared_rows(lin) is not None:
             return None
         head = cls(lin)
         ids = torch.tensor([[model.bos_id if model.bos_id is not None else 0, 1]], device=lin.weight.device)
