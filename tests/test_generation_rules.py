@@ -142,6 +142,11 @@ def test_cli_generate_bad_input(tiny_models, capsys):
     assert cli_main(["generate", "--large", tiny_models["large"], "--small", tiny_models["othervocab"],
                      "--weight", "0.5", "x"]) == 2
     assert "--rule union" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a prompt right after a bare --speculative is taken for its G
+        cli_main(base + ["--weight", "0.5", "--speculative", "A stitch"])
+    assert e.value.code == 2 and "write --speculative auto, or put the prompt first" in capsys.readouterr().err
+    assert cli_main(base + ["--weight", "0.5", "--draft", "slm", "x"]) == 2
+    assert "draft='slm' is a way of speculating" in capsys.readouterr().err
 
 
 def test_optimal_power_is_the_minimum_of_the_nll():

@@ -1,6 +1,7 @@
 """`arfuse generate --large A --small B --weight w "prompt"`: text from the fused model, printed as it comes."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -13,7 +14,9 @@ def _g(value: str):
     try:
         return int(value)
     except ValueError:
-        raise ArfuseError(f"--speculative {value!r}: give an integer g >= 1 or 'auto'") from None
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: give an integer g >= 1 or 'auto' (a prompt right after a bare --speculative is read as "
+            "its G: write --speculative auto, or put the prompt first)") from None
 
 
 def register(sub) -> None:
