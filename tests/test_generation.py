@@ -235,6 +235,30 @@ def test_draft_length_follows_acceptance_and_cost():
     assert tail.count(0) >= len(tail) * 0.7 and max(tail) >= 1  # mostly plain, still probing
 
 
+def test_draft_length_probes_less_often_while_drafts_lose():
+    """Probes double their spacing (4, 8, ..., 64 plain cycles) while drafting keeps losing,
+    and drafting comes back when the drafts get good."""
+    from arfuse.generation.draft_length import DraftLength
+
+    d = DraftLength(g_max=8, start=(), probe_every=4)
+
+    def cycle(rate):
+        g = d.next()
+        if g:
+            d.update(int(rate * 100), 100, g, 0.02 * g, g + 1, 0.2 + 0.05 * (g + 1), 0.001)
+        else:
+            d.update(0, 0, 0, 0.02, 1, 0.25, 0.001)
+
+    for _ in range(250):
+        cycle(0.05)
+    probes = [i for i, g in enumerate(d.history) if g]
+    gaps = [b - a - 1 for a, b in zip(probes, probes[1:])]
+    assert gaps[:5] == [4, 8, 16, 32, 64] and all(x == 64 for x in gaps[5:]), gaps
+    for _ in range(100):
+        cycle(0.9)
+    assert 0 not in d.history[-30:]
+
+
 def test_draft_length_measures_a_plain_step_first():
     """A one-token pass far cheaper than the line through longer passes (as with few-row kernels):
     the chooser measures a plain step at the start, so poor drafts give way to plain decoding, and

@@ -31,11 +31,15 @@ class DraftLength:
     plain small-model steps). Every measurement is an exponential moving average, so g follows
     the text as its predictability changes. When no g beats plain fused decoding
     (1 / (t_small + t_verify(1) + t_other) tokens per second, t_small the small models' step), g is
-    0 but for periodic probes. The first cycles (``start``) measure a plain step and two draft
-    lengths: a pass over one token can cost much less than the line through longer passes says.
+    0 but for periodic probes, every ``probe_every`` plain cycles at first and twice as far apart
+    after each probe that still does not pay (up to ``probe_max``): a text where drafts keep losing
+    (the KJV SLM at batch 8) stops paying for probes. The first cycles (``start``) measure a plain
+    step and two draft lengths: a pass over one token can cost much less than the line through
+    longer passes says.
     """
 
-    def __init__(self, g_max: int = 8, start: tuple[int, ...] = (0, 2, 4), decay: float = 0.9, probe_every: int = 8):
+    def __init__(self, g_max: int = 8, start: tuple[int, ...] = (0, 2, 4), decay: float = 0.9, probe_every: int = 8,
+                 probe_max: int = 64):
         self.g_max = g_max
         self.start = list(start)
         self.decay = decay
@@ -46,6 +50,8 @@ class DraftLength:
         self.t_verify: dict[int, float] = {}
         self.history: list[int] = []
         self.probe_every = probe_every
+        self.probe_max = max(probe_max, probe_every)
+        self._probe_gap = probe_every
         self._plain_run = 0
 
     @staticmethod
@@ -90,14 +96,18 @@ class DraftLength:
         return 1.0 / ((self.t_small or 0.0) + self._verify_time(1) + self.t_other)
 
     def next(self) -> int:
-        """The next cycle's g; 0 (plain fused decoding) while drafting does not pay, with a
-        drafting cycle every ``probe_every`` cycles to keep measuring the acceptance rate."""
+        """The next cycle's g; 0 (plain fused decoding) while drafting does not pay, with probing
+        drafting cycles (ever further apart while they lose) to keep measuring the acceptance rate."""
         if self.start:
             g = min(self.start.pop(0), self.g_max)
         else:
             g = max(range(1, self.g_max + 1), key=self.expected_speed)
-            if self.expected_speed(g) < self.plain_speed() and self._plain_run < self.probe_every:
+            if self.expected_speed(g) >= self.plain_speed():
+                self._probe_gap = self.probe_every
+            elif self._plain_run < self._probe_gap:
                 g = 0
+            else:  # a probe; the next one waits twice as long unless drafting pays by then
+                self._probe_gap = min(2 * self._probe_gap, self.probe_max)
         self._plain_run = self._plain_run + 1 if g == 0 else 0
         self.history.append(g)
         return g
