@@ -94,11 +94,11 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
     scores them in one pass, and the output still follows P exactly; ``draft="hybrid"``: per prompt,
     the text's copy where copies have been accepted at least as often as the small model's drafts,
     the small model otherwise; ``draft="auto"`` (default): hybrid, or lookup without a small model.
-    Returns a ``GenerationResult`` for
-    one prompt, a list for a list, or a ``Stream`` of ``Chunk``s with ``stream=True``.
-    ``fast_kernels=False`` keeps ``F.linear`` for the few-row products of speculative
-    verification on a CPU, and the whole product for output layers with repeated rows (a
-    compact-vocabulary SLM from ``arfuse train``) (``arfuse.generation.kernels``). ``draft_head="full"`` lets the drafting
+    Returns a ``GenerationResult`` for one prompt, a list for a list, or a ``Stream`` of ``Chunk``s
+    with ``stream=True``. ``fast_kernels=False`` keeps ``F.linear`` for every product on a CPU (the
+    few-row products of verification, one-row products where two rows measured faster) and the
+    whole product for output layers with repeated rows (a compact-vocabulary SLM from ``arfuse
+    train``) (``arfuse.generation.kernels``). ``draft_head="full"`` lets the drafting
     SLM run its whole output layer at every draft step instead of scoring a candidate set
     (``arfuse.generation.draft_head``); the output is the same.
     """

@@ -125,12 +125,14 @@ class DraftSources:
     held-out KJV passages). A row's record holds its own text only, so its choices never depend on
     the other rows of a batch."""
 
+    PRIOR = (1.0, 2.0)   # accepted, trials: one half
+
     def __init__(self, decay: float = 0.98):
         self.decay = decay
-        self.score = {"slm": [1.0, 2.0]}   # source -> [accepted, trials]
+        self.score: dict = {}   # source ("slm" or a match length) -> [accepted, trials]
 
     def rate(self, source) -> float:
-        acc, trials = self.score.get(source, (1.0, 2.0))
+        acc, trials = self.score.get(source, self.PRIOR)
         return acc / trials
 
     def prefers_copy(self, n: int) -> bool:
@@ -139,5 +141,5 @@ class DraftSources:
         return n > 0 and self.rate(n) >= self.rate("slm")
 
     def update(self, source, accepted: float) -> None:
-        acc, trials = self.score.get(source, (1.0, 2.0))
+        acc, trials = self.score.get(source, self.PRIOR)
         self.score[source] = [self.decay * acc + accepted, self.decay * trials + 1.0]

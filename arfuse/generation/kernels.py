@@ -59,8 +59,7 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p
     out_f, in_f = weight.shape
     rows = x.numel() // in_f if in_f else 0
     limit = MAX_ROWS_WIDE if out_f >= WIDE else MAX_ROWS
-    if (rows < 2 and not (rows == 1 and pad_one)) or rows > limit or x.dtype != torch.float32 \
-            or weight.device.type != "cpu":
+    if rows < (1 if pad_one else 2) or rows > limit or x.dtype != torch.float32 or weight.device.type != "cpu":
         return F.linear(x, weight, bias)
     # both copies are a few rows: a contiguous x keeps MKL on its fast transposed-B path (a
     # column-major x, as a transposed output would pass on to the next layer, is 3x slower)
