@@ -46,7 +46,7 @@ def _peak_rss_of_scoring(model: str, data: str, window: int, stride: int) -> tup
 import json
 from arfuse.adapters import load_model
 from arfuse.scoring.scorer import ScoreConfig, score
-from arfuse.tasks.data import load_dataset
+from arfuse.data.text import load_dataset
 def status(field):
     for line in open('/proc/self/status'):
         if line.startswith(field):
@@ -78,7 +78,7 @@ def main() -> int:
     from arfuse.adapters import load_model
     from arfuse.scoring.scorer import ScoreConfig, score
     from arfuse.search import improvement_domain, optimal_weight
-    from arfuse.tasks.data import load_dataset
+    from arfuse.data.text import load_dataset
     from arfuse.tasks.perplexity import EvalConfig, evaluate
 
     small = _small_spec(args.small)

@@ -190,7 +190,7 @@ def export_partner(slm, folder: str) -> None:
 def passages(spec: str, n: int, chars: int) -> list[str]:
     """``n`` passages evenly spaced through data set ``spec``: each starts at a line start (a KJV verse)
     and ends at the last space within ``chars`` characters, so the model continues mid-sentence."""
-    from arfuse.tasks.data import load_dataset
+    from arfuse.data.text import load_dataset
 
     import re
 

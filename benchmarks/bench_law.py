@@ -23,7 +23,8 @@ RESNETS = "resnet56,resnet44,resnet32,resnet20"
 
 def run_setting(setting: str, family: str | None, data: str | None, out_root: Path, progress: bool = False,
                 window: int = 1024, stride: int = 512) -> dict:
-    from arfuse.search.law import Member, analyse_family, family_members, write_plots, write_tables
+    from arfuse.search.law import Member, analyse_family, write_plots, write_tables
+    from arfuse.tasks.law import family_members
 
     t0 = time.time()
     if setting == "resnet-cifar10":

@@ -80,7 +80,7 @@ def main() -> None:
                          "(lm-eval==0.4.13, the version these results were measured with)")
 
     from arfuse.adapters import load_model
-    from arfuse.adapters.registry import resolve_alias
+    from arfuse.adapters.aliases import resolve_alias
     from arfuse.adapters.hf import _gguf_converted_dir
     from arfuse.paths import shared_data_root
 

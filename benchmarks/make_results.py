@@ -36,7 +36,7 @@ def accuracy_check() -> tuple[str, dict]:
     from arfuse.adapters import load_model
     from arfuse.scoring.scorer import ScoreConfig, score
     from arfuse.search.accuracy import brute_force_front_right, curve_from_intervals, intervals_from_records, pareto_front
-    from arfuse.tasks.data import load_dataset
+    from arfuse.data.text import load_dataset
 
     model = load_model("stories260k")
     data = load_dataset("tinyshakespeare[:4000]")
@@ -381,7 +381,7 @@ def answers(law_reps: list[dict], task_reps: list[dict], dom: dict | None = None
                   "(it must: the NLL is convex in w).",
                   f"- Is the perplexity gain ever negative inside the improvement domain? "
                   f"{'yes, in ' + str(sum(neg)) + ' pair(s)' if any(neg) else 'no'} (convexity forbids it; a check of the code).",
-                  f"- Accuracy (exact curve; the best k is chosen on the same examples, an oracle, not a held-out "
+                  "- Accuracy (exact curve; the best k is chosen on the same examples, an oracle, not a held-out "
                   "result): best gains " + ", ".join(f"{p['acc']['gain_pt']:+.2f}" for p in pairs) + " pt. The fused "
                   f"model falls below the LLM for some k in {acc_worse}/{len(pairs)} pairs; the k above which it never "
                   "does (accuracy k_min) is " + ", ".join(fk(p['acc']['k_min']) for p in pairs) + ", and the set of k "

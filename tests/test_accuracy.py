@@ -36,7 +36,7 @@ def stories_pair(tmp_path_factory, shared_data):
     from arfuse import adapters
     from arfuse.adapters import load_model
     from arfuse.scoring.scorer import ScoreConfig, score
-    from arfuse.tasks.data import load_dataset
+    from arfuse.data.text import load_dataset
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ARFUSE_CACHE", str(tmp_path_factory.mktemp("acc_cache")))

@@ -9,7 +9,7 @@ from arfuse.adapters import load_model
 from arfuse.cli.main import main
 from arfuse.fusion import linear
 from arfuse.scoring.scorer import ScoreConfig, score
-from arfuse.tasks.data import load_dataset
+from arfuse.data.text import load_dataset
 from arfuse.tasks.metrics import perplexity_metrics
 from arfuse.tasks.perplexity import EvalConfig, evaluate
 
@@ -182,12 +182,11 @@ def _direct_cosine_nll(tiny_models, text_file, p: float) -> float:
     with a full V x V similarity matrix (what the library never builds)."""
     import torch
 
-    from arfuse.generation.rules import input_embeddings
     from arfuse.scoring.scorer import prepare_docs
     from arfuse.scoring.windows import plan_windows
 
     llm, slm = load_model(tiny_models["large"]), load_model(tiny_models["small"])
-    emb = input_embeddings(llm).float()
+    emb = llm.input_embeddings().float()
     e = emb / emb.norm(dim=-1, keepdim=True)
     S = ((1 + e @ e.T) / 2).double()  # (V, V)
     data = load_dataset(text_file)

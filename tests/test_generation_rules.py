@@ -10,7 +10,6 @@ from arfuse.cli.main import main as cli_main
 from arfuse.errors import ArfuseError
 from arfuse.fusion.cosine import cosine, cosine_target_logprobs, unit_rows
 from arfuse.generation.api import generate
-from arfuse.generation.rules import input_embeddings
 from arfuse.generation.state import ModelState
 
 
@@ -109,7 +108,7 @@ def test_cosine_generation_greedy_and_speculative(models):
     spec = generate(prompt, large=L, small=S, rule="cosine", power=3.0, max_new_tokens=12, speculative=3)
     assert spec.token_ids == plain.token_ids
     ids = L.encode(prompt).ids
-    unit = unit_rows(input_embeddings(L))
+    unit = unit_rows(L.input_embeddings())
     for t in plain.token_ids:  # each token is the argmax of the cosine rule on a full recompute
         x = torch.tensor([ids])
         P = cosine(L.logprobs(x)[0, -1], S.logprobs(x)[0, -1], unit, 3.0)
@@ -117,7 +116,7 @@ def test_cosine_generation_greedy_and_speculative(models):
         ids.append(t)
     with pytest.raises(ArfuseError, match="needs its power"):
         generate(prompt, large=L, small=S, rule="cosine")
-    with pytest.raises(ArfuseError, match="unknown rule 'cosin'.*Did you mean 'cosine'"):
+    with pytest.raises(ArfuseError, match="unknown fusion rule 'cosin'.*Did you mean 'cosine'"):
         generate(prompt, large=L, small=S, rule="cosin", power=1.0)
 
 

@@ -41,7 +41,7 @@ def test_law_cli_on_a_tiny_family(tiny_models, text_file, tmp_path):
     from arfuse.cli.main import main
     from arfuse.scoring.scorer import ScoreConfig, score
     from arfuse.search import optimal_weight
-    from arfuse.tasks.data import load_dataset
+    from arfuse.data.text import load_dataset
 
     fam = ",".join(tiny_models[k] for k in ("large", "small", "small2"))
     out = tmp_path / "law"

@@ -11,9 +11,9 @@ import torch
 
 from arfuse.adapters.protein import ESM2_VOCAB, is_protein_model, load_protein_model
 from arfuse.errors import ArfuseError
-from arfuse.scoring.masked import score_masked
-from arfuse.tasks.masked_lm import (MaskConfig, evaluate_masked_lm, load_protein_dataset, mask_positions,
-                                    masked_inputs, masked_ppl, read_fasta)
+from arfuse.data.fasta import MaskConfig, load_protein_dataset, mask_positions, read_fasta
+from arfuse.scoring.masked import masked_inputs, score_masked
+from arfuse.tasks.masked_lm import evaluate_masked_lm, masked_ppl
 
 
 def build_tiny_esm(folder: Path, *, seed: int, layers: int, hidden: int) -> Path:

@@ -10,7 +10,7 @@ from arfuse.errors import ArfuseError
 from arfuse.scoring import scorer as scorer_mod
 from arfuse.scoring.cache import CacheWarning, ScoreCache
 from arfuse.scoring.scorer import ScoreConfig, cache_key_fields, score
-from arfuse.tasks.data import Dataset, load_dataset
+from arfuse.data.text import Dataset, load_dataset
 
 CFG = ScoreConfig(window=48, stride=16, convention="sliding", bos="never", topk=8)
 

@@ -74,7 +74,7 @@ def test_kill_9_then_rerun_resumes_to_the_same_result(texts, tmp_path):
     args = [sys.executable, "-m", "arfuse.cli.main", "train", "--quiet"]
     for k, v in cfg.to_dict().items():
         if v is not None:
-            args += [f"--set", f"{k}={v}"]
+            args += ["--set", f"{k}={v}"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckdir = killed / "checkpoints"
     deadline = time.time() + 60
@@ -107,7 +107,7 @@ def test_kill_9_then_rerun_resumes_to_the_same_result(texts, tmp_path):
 def _score_ppl(folder: Path, valid: str, window: int) -> float:
     from arfuse.adapters import load_model
     from arfuse.scoring.scorer import ScoreConfig, score
-    from arfuse.tasks.data import load_dataset
+    from arfuse.data.text import load_dataset
 
     model = load_model(str(folder))
     rec = score(model, load_dataset(valid), ScoreConfig(window=window, convention="disjoint"), use_cache=False,

@@ -15,7 +15,7 @@ from arfuse.adapters.vision import (CIFAR10_CLASSES, CifarResNet, CifarResNetCon
                                     load_vision_model)
 from arfuse.errors import ArfuseError
 from arfuse.scoring.classify import score_images
-from arfuse.tasks.images import is_image_data, load_image_dataset
+from arfuse.data.images import is_image_data, load_image_dataset
 
 TAR = "vision/cifar10-test-jpg.tar"
 

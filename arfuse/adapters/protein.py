@@ -4,7 +4,7 @@ A hub id (``facebook/esm2_t6_8M_UR50D``), a short name (``esm2_8m`` ... ``esm2_1
 local folder with ``config.json`` (``model_type: esm``). Residues map to token ids one
 character each; a character outside the model's alphabet is an error naming the record,
 the position and the allowed letters. ``logprobs`` returns float32 log-softmax over the
-vocabulary at every position. Masking and metrics live in ``arfuse.tasks.masked_lm``.
+vocabulary at every position. Masking lives in ``arfuse.data.fasta``, metrics in ``arfuse.tasks.masked_lm``.
 """
 from __future__ import annotations
 

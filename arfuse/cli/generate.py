@@ -73,15 +73,7 @@ def run(args) -> int:
 
         torch.set_num_threads(args.threads)
     prompts = [sys.stdin.read() if x == "-" else x for x in args.prompt]
-    weights = None
-    if args.weights:
-        try:
-            weights = [float(x) for x in args.weights.split(",")]
-        except ValueError:
-            raise ArfuseError(f"--weights {args.weights!r}: give comma-separated numbers, e.g. 0.9,0.05,0.05") from None
-    if args.weight is not None and len(args.small) != 1:
-        raise ArfuseError(f"--weight is for two models but {1 + len(args.small)} were given: use --weights w1,w2,...")
-    stream = generate(prompts, large=args.large, small=args.small or None, weight=args.weight, weights=weights,
+    stream = generate(prompts, large=args.large, small=args.small or None, weight=args.weight, weights=args.weights,
                       rule=args.rule, power=args.power, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop,
                       seed=args.seed, speculative=args.speculative, truncate=args.truncate, bos=args.bos,

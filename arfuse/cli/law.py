@@ -27,7 +27,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from arfuse.cli.common import score_config
     from arfuse.errors import ArfuseError
-    from arfuse.search.law import analyse_family, family_members, to_markdown, write_plots, write_tables
+    from arfuse.search.law import analyse_family, to_markdown, write_plots, write_tables
+    from arfuse.tasks.law import family_members
 
     specs = [s.strip() for s in args.family.split(",") if s.strip()]
     if len(specs) < 2:

@@ -20,7 +20,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from arfuse.adapters import load_model
     from arfuse.scoring.scorer import score
-    from arfuse.tasks.data import load_dataset
+    from arfuse.data.text import load_dataset
     from arfuse.tasks.metrics import perplexity_metrics
 
     data = load_dataset(args.data)

@@ -13,10 +13,13 @@ the fused log-likelihood finite. Similarities are computed on demand, one row pe
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from arfuse.errors import ArfuseError
+from arfuse.fusion.registry import Param, Rule
 
 
 def check_power(power: float) -> float:
@@ -50,7 +53,7 @@ def cosine(logp_llm, logp_slm, unit_emb: torch.Tensor, power: float):
     ls, _ = _to_torch(logp_slm)
     if ll.shape != ls.shape:
         raise ArfuseError(f"log-prob shapes differ ({tuple(ll.shape)} vs {tuple(ls.shape)}): the cosine rule needs "
-                          "two models with one vocabulary; use the top-k-union rule (--rule union) across tokenizers")
+                          "two models with one vocabulary")
     if p == 0.0:
         out = ll.clone()
     else:
@@ -128,3 +131,34 @@ def optimal_power(logp_llm: torch.Tensor, slm_argmax: torch.Tensor, targets: tor
             return p_new, total(p_new)[0]
         p = p_new
     return p, total(p)[0]
+
+
+class CosineRule(Rule):
+    """P ∝ p_LLM(v) s(v, argmax p_SLM)^power, on one model's token embeddings."""
+
+    name = "cosine"
+    paper = "the AR paper, Appendix B.3 (the cosine-similarity variant)"
+    summary = "P ∝ p_LLM(v) s(v, a)^p with a = argmax p_SLM and s the cosine of token embeddings mapped to [0, 1]"
+    min_models = max_models = 2
+    weighted = False
+    params = (Param("power", "p >= 0: 0 is the LLM alone, larger p pulls harder towards the SLM's top choice",
+                    low=0.0, high=math.inf),
+              Param("embeddings", "whose token embeddings give the similarity", "large", choices=("large", "small")))
+
+    def bind(self, models):
+        super().bind(models)
+        self.unit = unit_rows(models[0 if self.values["embeddings"] == "large" else 1].input_embeddings())
+        return self
+
+    @property
+    def power(self) -> float:
+        p = self.values["power"]
+        if p is None:
+            raise ArfuseError("the cosine rule needs its power p (--power), e.g. 1.0; p = 0 is the LLM alone")
+        return check_power(p)
+
+    def __call__(self, logps):
+        return cosine(logps[0], logps[1], self.unit, self.power)
+
+    def describe(self) -> str:
+        return f"cosine, power {self.power:.4g}"

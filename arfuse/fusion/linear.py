@@ -13,22 +13,9 @@ import numpy as np
 import torch
 
 from arfuse.errors import ArfuseError
+from arfuse.fusion.registry import Param, Rule, check_weights  # noqa: F401  (check_weights: re-exported)
 
 Array = np.ndarray | torch.Tensor
-
-
-def check_weights(weights: Sequence[float], n_models: int) -> list[float]:
-    """Validated mixture weights: one per model, each in [0, 1], summing to 1."""
-    ws = [float(w) for w in weights]
-    if len(ws) != n_models:
-        raise ArfuseError(f"{len(ws)} weights given for {n_models} models: give one weight per model")
-    for w in ws:
-        if not (0.0 <= w <= 1.0) or math.isnan(w):
-            raise ArfuseError(f"weight {w} is outside [0, 1]: the LLM's weight w must satisfy 0 <= w <= 1 "
-                              "(for a weight ratio k use w = k / (1 + k))")
-    if abs(sum(ws) - 1.0) > 1e-6:
-        raise ArfuseError(f"weights {ws} sum to {sum(ws):.6g}, not 1: mixture weights must sum to 1")
-    return ws
 
 
 def w_to_k(w: float) -> float:
@@ -95,3 +82,19 @@ def logprob_average(logps: Sequence[Array], weights: Sequence[float] | None = No
     s = (stacked * w).sum(0)
     m = s.max(axis=-1, keepdims=True)
     return s - m - np.log(np.exp(s - m).sum(axis=-1, keepdims=True))
+
+
+class LinearRule(Rule):
+    """P = sum_i w_i p_i: the Accept-Reject mixture, the LLM first."""
+
+    name = "linear"
+    paper = "Accept-Reject fusion (the AR paper, eq. 4)"
+    summary = "P = w p_LLM + (1 - w) p_SLM, the AR mixture (K models: weights on the simplex)"
+    inputs = "target"   # the mixture of log p(target) is the fused log p(target): cached records suffice
+    min_models = 1      # one model with weight 1 is the LLM alone
+
+    def __call__(self, logps):
+        if self.weights is None:
+            raise ArfuseError("the linear rule needs its weights: give the LLM's weight w (--weight, e.g. 0.9; "
+                              "`arfuse eval` finds the best one) or one weight per model (--weights)")
+        return linear(logps, self.weights)

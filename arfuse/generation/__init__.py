@@ -9,7 +9,7 @@ Importing this package is cheap (torch loads on first use), so ``import arfuse``
 from __future__ import annotations
 
 _LAZY = {
-    "Stream": "api", "build_rule": "api", "LinearRule": "rules", "CosineRule": "rules",
+    "Stream": "api", "build_rule": "api",
     "GenerationConfig": "config", "GenerationResult": "decode", "GenerationStats": "decode", "Chunk": "decode",
     "Decoder": "decode",
 }

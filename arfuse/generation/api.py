@@ -7,10 +7,10 @@ from arfuse.adapters.base import CausalLM
 from arfuse.errors import ArfuseError
 from arfuse.generation.config import GenerationConfig
 from arfuse.generation.decode import Chunk, Decoder, GenerationResult, GenerationStats
-from arfuse.generation.rules import RULES, CosineRule, LinearRule, input_embeddings
+from arfuse.fusion.registry import get_rule, make_rule, resolve_weights
 
 __all__ = ["generate", "Stream", "GenerationConfig", "GenerationResult", "GenerationStats", "Chunk", "Decoder",
-           "build_rule", "LinearRule", "CosineRule"]
+           "build_rule"]
 
 
 class Stream:
@@ -36,37 +36,25 @@ class Stream:
 
 
 def build_rule(models: Sequence[CausalLM], *, rule: str = "linear", weight: float | None = None,
-               weights: Sequence[float] | None = None, power: float | None = None, embeddings: str = "large"):
-    """The fusion rule for ``models`` (the LLM first) from user-facing options."""
-    if rule not in RULES:
-        from arfuse.errors import did_you_mean
-
-        raise ArfuseError(f"unknown rule {rule!r}: use one of {', '.join(RULES)} (union: models with different "
-                          f"tokenizers, not yet in generation).{did_you_mean(rule, RULES)}")
-    n = len(models)
-    if rule == "cosine":
-        if n != 2:
-            raise ArfuseError(f"the cosine rule fuses one large and one small model, {n} models given")
-        if power is None:
-            raise ArfuseError("the cosine rule needs its power p (--power), e.g. 1.0; p = 0 is the LLM alone")
-        if embeddings not in ("large", "small"):
-            raise ArfuseError(f"embeddings {embeddings!r}: use 'large' or 'small' (whose token embeddings give the similarity)")
-        return CosineRule(power, input_embeddings(models[0 if embeddings == "large" else 1]))
-    if weights is None:
-        if n == 1:
-            weights = [1.0]
-        elif weight is None:
-            raise ArfuseError("give the LLM's weight w (--weight, e.g. 0.9; `arfuse eval --search` finds the best one) "
+               weights: Sequence[float] | None = None, **params):
+    """The fusion rule ``rule`` (a name of ``arfuse.fusion.available_rules()``) for ``models`` (the
+    LLM first), its weights and parameters checked, bound to the models (vocabularies checked)."""
+    cls = get_rule(rule)
+    ws = resolve_weights(weight, weights, len(models)) if cls.weighted else None
+    if not cls.weighted and (weight is not None or weights is not None):
+        raise ArfuseError(f"the {rule} rule takes no weights ({cls.summary}): drop --weight/--weights")
+    if cls.weighted and ws is None:
+        if len(models) != 1:
+            raise ArfuseError("give the LLM's weight w (--weight, e.g. 0.9; `arfuse eval` finds the best one) "
                               "or one weight per model (--weights)")
-        elif n != 2:
-            raise ArfuseError(f"--weight is for two models but {n} were given: use --weights w1,w2,... (the LLM first)")
-        else:
-            w = float(weight)
-            if not 0.0 <= w <= 1.0:
-                raise ArfuseError(f"weight {weight} is outside [0, 1]: give the LLM's weight w, e.g. 0.9 "
-                                  "(a weight ratio k corresponds to w = k / (1 + k))")
-            weights = [w, 1.0 - w]
-    return LinearRule(weights)
+        ws = [1.0]
+    given = {k: v for k, v in params.items() if v is not None}
+    fuse = make_rule(rule, ws, **given).bind(models)
+    missing = [m for m in fuse.missing() if m != "weights"]
+    if missing:
+        helps = {p.name: p.help for p in cls.params}
+        raise ArfuseError(f"the {rule} rule needs " + "; ".join(f"its {m} (--{m}: {helps[m]})" for m in missing))
+    return fuse
 
 
 def _load(spec, device: str, dtype: str) -> CausalLM:
@@ -79,12 +67,14 @@ def _load(spec, device: str, dtype: str) -> CausalLM:
 
 def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | None = None,
              weights: Sequence[float] | None = None, rule: str = "linear", power: float | None = None,
-             embeddings: str = "large", max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+             embeddings: str | None = None, rule_params: dict | None = None, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, stop: str | Sequence[str] | None = None, seed: int = 0,
              speculative: int | str | None = None, truncate: str = "error", bos: str = "auto", stop_at_eos: bool = True,
              stream: bool = False, device: str = "cpu", dtype: str = "float32", fast_kernels: bool = True,
              draft: str = "auto", draft_head: str = "candidates"):
-    """Generate from P = w p_LLM + (1 - w) p_SLM (or the cosine rule).
+    """Generate from P = w p_LLM + (1 - w) p_SLM, or from any registered fusion rule (``rule``, its
+    parameters as keywords: ``power``/``embeddings`` for the cosine rule, others in ``rule_params``).
 
     ``large``/``small``: model names, paths or loaded ``CausalLM``s (``small`` may be a list).
     ``temperature == 0`` is greedy; ``speculative`` g >= 1 (or "auto") drafts with the first small
@@ -109,7 +99,8 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
                            draft_head=draft_head)
     smalls = [] if small is None else ([small] if isinstance(small, (str, CausalLM)) else list(small))
     models = [_load(large, device, dtype)] + [_load(s, device, dtype) for s in smalls]
-    fuse = build_rule(models, rule=rule, weight=weight, weights=weights, power=power, embeddings=embeddings)
+    params = {"power": power, "embeddings": embeddings, **(rule_params or {})}
+    fuse = build_rule(models, rule=rule, weight=weight, weights=weights, **params)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ArfuseError("no prompts given: pass a string or a list of strings")

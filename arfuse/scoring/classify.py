@@ -15,7 +15,7 @@ from arfuse.adapters.vision import ImageClassifier
 from arfuse.errors import ArfuseError
 from arfuse.scoring.cache import ScoreCache
 from arfuse.scoring.records import TokenRecords
-from arfuse.tasks.images import ImageDataset
+from arfuse.data.images import ImageDataset
 
 CHUNK_IMAGES = 2000  # images per cache chunk: the unit of resumption
 

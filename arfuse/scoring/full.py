@@ -17,7 +17,7 @@ from arfuse.adapters.base import CausalLM
 from arfuse.progress import token_progress
 from arfuse.scoring.scorer import ScoreConfig, prepare_docs
 from arfuse.scoring.windows import plan_windows
-from arfuse.tasks.data import Dataset
+from arfuse.data.text import Dataset
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ index, ``pos`` the residue's index in its sequence, ``target`` the true residue 
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -15,9 +15,38 @@ import torch
 from arfuse.errors import ArfuseError
 from arfuse.scoring.cache import ScoreCache
 from arfuse.scoring.records import TokenRecords
-from arfuse.tasks.masked_lm import MaskConfig, MaskedInput, ProteinDataset, masked_inputs
+from arfuse.data.fasta import MaskConfig, ProteinDataset, mask_positions
 
 CHUNK_CROPS = 512  # crops per cache chunk: the unit of resumption
+
+
+@dataclass
+class MaskedInput:
+    """One crop ready for the model: ids with <cls>/<eos>, the masked token positions."""
+
+    doc: int                 # record index
+    start: int               # residue index of the crop's first residue
+    ids: np.ndarray          # (T,) masked input ids, <cls> ... <eos>
+    positions: np.ndarray    # (m,) token positions that are masked (1-based in ids: residue r at r - start + 1)
+    targets: np.ndarray      # (m,) the true residue ids there
+
+
+def masked_inputs(model, dataset: ProteinDataset, cfg: MaskConfig) -> list[MaskedInput]:
+    """Every crop of every record with its masks; raises on a residue outside the alphabet."""
+    out = []
+    for d, rec in enumerate(dataset.records):
+        ids = np.asarray(model.encode(rec.sequence, rec.id), np.int64)
+        masked = mask_positions(rec.sequence, cfg.rate, cfg.seed)
+        for start in range(0, len(ids), cfg.max_residues):
+            end = min(len(ids), start + cfg.max_residues)
+            m = masked[(masked >= start) & (masked < end)]
+            if len(m) == 0:
+                continue
+            x = np.concatenate([[model.cls_id], ids[start:end], [model.eos_id]])
+            pos = m - start + 1
+            x[pos] = model.mask_id
+            out.append(MaskedInput(d, start, x, pos, ids[m]))
+    return out
 
 
 def masked_cache_key(model, dataset: ProteinDataset, cfg: MaskConfig, k: int) -> dict:

@@ -11,7 +11,7 @@ from arfuse.errors import ArfuseError
 from arfuse.scoring.cache import ScoreCache
 from arfuse.scoring.records import TokenRecords
 from arfuse.scoring.windows import Window, plan_windows
-from arfuse.tasks.data import Dataset
+from arfuse.data.text import Dataset
 
 CHUNK_TARGETS = 16384  # targets per cache chunk: the unit of resumption
 

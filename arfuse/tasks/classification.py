@@ -194,7 +194,7 @@ def score_family(specs: list[str], data: str, *, device: str = "cpu", batch_size
     """Load each image model and score ``data`` with it (cached): (models, dataset, records)."""
     from arfuse.adapters.vision import load_vision_model
     from arfuse.scoring.classify import score_images
-    from arfuse.tasks.images import load_image_dataset
+    from arfuse.data.images import load_image_dataset
 
     models = [load_vision_model(s, device=device) for s in specs]
     for m in models[1:]:

@@ -15,7 +15,7 @@ from arfuse.errors import ArfuseError
 from arfuse.fusion.cosine import check_power, cosine_target_logprobs, optimal_power, unit_rows
 from arfuse.scoring.full import full_logprob_pass
 from arfuse.scoring.scorer import score
-from arfuse.tasks.data import load_dataset
+from arfuse.data.text import load_dataset
 from arfuse.tasks.metrics import bootstrap_ppl_gain, perplexity_metrics
 from arfuse.tasks.perplexity import EvalConfig, EvalReport, Row, evaluate
 
@@ -40,7 +40,6 @@ def evaluate_cosine(cfg: EvalConfig, power: float | None = None, *, embeddings: 
     """The linear report of ``evaluate`` (searched or given w) plus a cosine row at ``power``
     (None: the exact NLL-optimal power on --valid, else on the test data itself)."""
     from arfuse.adapters import load_model
-    from arfuse.generation.rules import input_embeddings
 
     if len(cfg.smalls) != 1:
         raise ArfuseError(f"the cosine rule fuses one large and one small model, {1 + len(cfg.smalls)} given")
@@ -50,7 +49,7 @@ def evaluate_cosine(cfg: EvalConfig, power: float | None = None, *, embeddings: 
         raise ArfuseError(f"embeddings {embeddings!r}: use 'large' or 'small' (whose token embeddings give the similarity)")
     report = evaluate(cfg, progress=progress)  # linear rule, cached scoring, both models checked alike
     llm, slm = (load_model(s, device=cfg.device, dtype=cfg.dtype) for s in (cfg.large, cfg.smalls[0]))
-    unit = unit_rows(input_embeddings(llm if embeddings == "large" else slm))
+    unit = unit_rows((llm if embeddings == "large" else slm).input_embeddings())
     data = load_dataset(cfg.data)
     valid = load_dataset(cfg.valid) if cfg.valid else None
 

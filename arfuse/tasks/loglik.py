@@ -17,7 +17,7 @@ from arfuse.adapters.base import CausalLM
 from arfuse.errors import ArfuseError
 from arfuse.scoring.records import FIELDS, TokenRecords
 from arfuse.scoring.scorer import ScoreConfig, score
-from arfuse.tasks.data import Dataset
+from arfuse.data.text import Dataset
 
 BLOCK = 128  # requests per cached block
 

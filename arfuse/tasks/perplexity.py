@@ -11,7 +11,7 @@ from arfuse.fusion import check_weights, linear, uniform, w_to_k
 from arfuse.scoring.records import TokenRecords
 from arfuse.scoring.scorer import ScoreConfig, score
 from arfuse.search import gain_curve, improvement_domain, optimal_weight, optimal_weights_em
-from arfuse.tasks.data import load_dataset
+from arfuse.data.text import load_dataset
 from arfuse.tasks.metrics import bootstrap_ppl_gain, perplexity_metrics
 
 

@@ -1,7 +1,7 @@
 """Training text: a named corpus or a local file, optionally sliced (``kjv[:90%]``), with a
 validation slice held out; tokenised once into a cached array of token ids.
 
-Names are those of ``arfuse.tasks.data`` (``kjv``, ``tinyshakespeare``, ...) plus ``enwiki``,
+Names are those of ``arfuse.data.text`` (``kjv``, ``tinyshakespeare``, ...) plus ``enwiki``,
 the Wikipedia XML sample in ../shared/data/corpora, whose markup mwparserfromhell strips to
 article text (any ``.xml`` or ``.xml.bz2`` MediaWiki dump is read the same way).
 """
@@ -103,7 +103,7 @@ def _wiki_cached_text(path: Path) -> Path:
 
 def load_corpus(spec: str) -> Corpus:
     """Text of a corpus spec: a data-set name (kjv, tinyshakespeare, enwiki, ...) or a file, optionally sliced."""
-    from arfuse.tasks.data import load_dataset
+    from arfuse.data.text import load_dataset
 
     m = _SLICE.match(spec)
     base, sl = (m["base"], m["slice"]) if m and not Path(spec).exists() else (spec, "")

@@ -148,7 +148,7 @@ def _gguf_tokenizer(path: Path, spec: str) -> TrainTokenizer:
 
 def load_tokenizer(spec: str, *, text: str | None = None, max_vocab: int = 10_000, min_freq: int = 2) -> TrainTokenizer:
     """A training tokenizer from a spec; ``text`` is the training text a word vocabulary is built from."""
-    from arfuse.adapters.registry import ALIASES, resolve_alias
+    from arfuse.adapters.aliases import ALIASES, resolve_alias
 
     if spec == "word":
         if text is None:

@@ -1,0 +1,214 @@
+"""The fusion rules arfuse knows, by name: the one extension point every command reads.
+
+A rule is a class (``Rule``) that says what it needs (one tokenizer or any, full distributions
+or only log p(target), how many models, weights or not, its own parameters with their checks)
+and one call from the models' log-probs (the LLM first) to the fused log-probs. Registering
+it makes it a choice of ``arfuse eval``, ``arfuse task`` and ``arfuse generate`` and of the
+Python API; every message that names rules reads them from here.
+
+Adding a rule is one file with the class and one line: ``RULES`` below for a built-in rule
+(module path and class name, imported on first use), or ``register_rule(MyRule)`` from user
+code. mergekit registers its merge methods the same way.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from arfuse.errors import ArfuseError, did_you_mean
+
+# name -> "module:Class" of the built-in rules (imported when first asked for)
+RULES: dict[str, str] = {
+    "linear": "arfuse.fusion.linear:LinearRule",
+    "cosine": "arfuse.fusion.cosine:CosineRule",
+}
+_LOADED: dict[str, type[Rule]] = {}
+
+
+@dataclass(frozen=True)
+class Param:
+    """A rule's parameter: a number in [low, high], or one of ``choices`` (strings)."""
+
+    name: str
+    help: str
+    default: float | str | None = None
+    low: float = -math.inf
+    high: float = math.inf
+    choices: tuple[str, ...] = ()
+
+    def check(self, value, rule: str):
+        if self.choices:
+            if value not in self.choices:
+                raise ArfuseError(f"{rule} rule: {self.name} {value!r}: use one of {', '.join(self.choices)} "
+                                  f"({self.help})")
+            return value
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ArfuseError(f"{rule} rule: {self.name} {value!r} is not a number ({self.help})") from None
+        if not self.low <= v <= self.high or math.isnan(v):
+            raise ArfuseError(f"{rule} rule: {self.name} = {value} is outside [{self.low:g}, {self.high:g}] "
+                              f"({self.help})")
+        return v
+
+
+class Rule(ABC):
+    """A fusion rule: validated parameters, what it needs, and ``rule(logps) -> fused logps``.
+
+    ``logps`` are K log-probability arrays or tensors (the LLM first) of one shape, the vocabulary
+    on the last axis for rules that need full distributions; inputs are never modified.
+    """
+
+    name: ClassVar[str]
+    paper: ClassVar[str]                      # where the rule comes from
+    summary: ClassVar[str]                    # one line for --help and error messages
+    same_vocab: ClassVar[bool] = True         # fuses token by token: every model needs one tokenizer
+    inputs: ClassVar[str] = "full"            # "full": whole distributions; "target": log p(target) suffices
+    min_models: ClassVar[int] = 2
+    max_models: ClassVar[int | None] = None
+    weighted: ClassVar[bool] = True           # takes one mixture weight per model (the LLM first)
+    params: ClassVar[tuple[Param, ...]] = ()
+
+    def __init__(self, weights: Sequence[float] | None = None, **params):
+        unknown = set(params) - {p.name for p in self.params}
+        if unknown:
+            names = ", ".join(p.name for p in self.params) or "none"
+            raise ArfuseError(f"the {self.name} rule has no parameter {', '.join(sorted(unknown))} (its parameters: "
+                              f"{names})")
+        self.values = {}
+        for p in self.params:
+            v = params.get(p.name, p.default)
+            self.values[p.name] = None if v is None else p.check(v, self.name)
+        if weights is not None and not self.weighted:
+            raise ArfuseError(f"the {self.name} rule takes no weights ({self.summary})")
+        self.weights = None if weights is None else check_weights(weights, len(weights))
+
+    def bind(self, models: Sequence) -> Rule:
+        """Check ``models`` (loaded, the LLM first) against what the rule needs; rules that read
+        something of the models (token embeddings) take it here. Returns the rule."""
+        n = len(models)
+        if n < self.min_models or (self.max_models is not None and n > self.max_models):
+            want = (f"exactly {self.min_models}" if self.max_models == self.min_models
+                    else f"at least {self.min_models}" + ("" if self.max_models is None else f" and at most {self.max_models}"))
+            raise ArfuseError(f"the {self.name} rule fuses {want} models, {n} given")
+        if self.weighted and self.weights is not None and len(self.weights) != n:
+            raise ArfuseError(f"{len(self.weights)} weights given for {n} models: give one weight per model, the LLM first")
+        if self.same_vocab:
+            check_same_vocab(models, self.name)
+        return self
+
+    def missing(self) -> list[str]:
+        """Parameters (and the weights) still unset: what a search must find or the user must give."""
+        out = [p.name for p in self.params if self.values.get(p.name) is None]
+        return (["weights"] if self.weighted and self.weights is None else []) + out
+
+    @abstractmethod
+    def __call__(self, logps: Sequence):
+        """Fused log-probs from the models' log-probs (the LLM first)."""
+
+    def describe(self) -> str:
+        parts = [self.name]
+        if self.weights is not None:
+            parts.append("weights " + ", ".join(f"{w:.4g}" for w in self.weights) + " (LLM first)")
+        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.values.items() if v is not None]
+        return ", ".join(parts)
+
+
+def check_weights(weights: Sequence[float], n_models: int) -> list[float]:
+    """Validated mixture weights: one per model, each in [0, 1], summing to 1."""
+    ws = [float(w) for w in weights]
+    if len(ws) != n_models:
+        raise ArfuseError(f"{len(ws)} weights given for {n_models} models: give one weight per model")
+    for w in ws:
+        if not (0.0 <= w <= 1.0) or math.isnan(w):
+            raise ArfuseError(f"weight {w} is outside [0, 1]: the LLM's weight w must satisfy 0 <= w <= 1 "
+                              "(for a weight ratio k use w = k / (1 + k))")
+    if abs(sum(ws) - 1.0) > 1e-6:
+        raise ArfuseError(f"weights {ws} sum to {sum(ws):.6g}, not 1: mixture weights must sum to 1")
+    return ws
+
+
+def resolve_weights(weight: float | None, weights: Sequence[float] | str | None, n_models: int) -> list[float] | None:
+    """One weight list from the user's ``--weight w`` (two models) or ``--weights w1,w2,...``
+    (the LLM first), validated; None when neither is given (search, or the rule's default)."""
+    if weight is not None and weights is not None:
+        raise ArfuseError("give either --weight (two models) or --weights (one per model), not both")
+    if weight is not None:
+        if n_models != 2:
+            raise ArfuseError(f"--weight is for two models but {n_models} were given: use --weights w1,w2,... "
+                              "(the LLM first)")
+        w = float(weight)
+        if not 0.0 <= w <= 1.0 or math.isnan(w):
+            raise ArfuseError(f"--weight {weight} is outside [0, 1]: give the LLM's weight w, e.g. 0.95 "
+                              "(a weight ratio k corresponds to w = k / (1 + k))")
+        return [w, 1.0 - w]
+    if weights is None:
+        return None
+    if isinstance(weights, str):
+        try:
+            weights = [float(x) for x in weights.split(",")]
+        except ValueError:
+            raise ArfuseError(f"--weights {weights!r}: give comma-separated numbers, e.g. 0.9,0.05,0.05") from None
+    return check_weights(weights, n_models)
+
+
+def register_rule(cls: type[Rule]) -> type[Rule]:
+    """Make ``cls`` a rule of every command, under ``cls.name`` (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Rule)):
+        raise TypeError(f"{cls!r} is not a subclass of arfuse.fusion.Rule")
+    for attr in ("name", "paper", "summary"):
+        if not isinstance(getattr(cls, attr, None), str):
+            raise TypeError(f"rule class {cls.__name__} needs a string class attribute {attr!r}")
+    _LOADED[cls.name] = cls
+    RULES.setdefault(cls.name, f"{cls.__module__}:{cls.__qualname__}")
+    return cls
+
+
+def available_rules() -> list[str]:
+    """Names of every registered rule, built-in first."""
+    return list(RULES)
+
+
+def get_rule(name: str) -> type[Rule]:
+    """The rule class registered as ``name``; an unknown name fails with the choices."""
+    if name in _LOADED:
+        return _LOADED[name]
+    if name not in RULES:
+        raise ArfuseError(f"unknown fusion rule {name!r}: use one of {', '.join(RULES)}.{did_you_mean(name, RULES)}")
+    module, _, attr = RULES[name].partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    _LOADED[name] = cls
+    return cls
+
+
+def make_rule(name: str, weights: Sequence[float] | None = None, **params) -> Rule:
+    """An instance of rule ``name`` with its parameters checked (None values left unset)."""
+    return get_rule(name)(weights, **{k: v for k, v in params.items() if v is not None})
+
+
+def cross_tokenizer_hint() -> str:
+    """What to do with models whose tokenizers differ, from the rules registered now."""
+    any_vocab = [n for n in RULES if not get_rule(n).same_vocab]
+    if any_vocab:
+        return "models with different tokenizers need a rule that aligns them: " + ", ".join(
+            f"--rule {n}" for n in any_vocab)
+    return ("every registered rule (" + ", ".join(RULES) + ") fuses token by token and needs one tokenizer: "
+            "fuse models that share it, or compare the models in bits per byte (`arfuse score`)")
+
+
+def check_same_vocab(models: Sequence, rule: str = "linear") -> None:
+    """Every model has the LLM's vocabulary and tokenizer (``models``: loaded adapters, the LLM first)."""
+    big = models[0]
+    for m in models[1:]:
+        if m.info.vocab_size != big.info.vocab_size:
+            why = f"vocabularies differ ({big.info.vocab_size:,} tokens in {big.info.name} vs {m.info.vocab_size:,} in {m.info.name})"
+        elif m.tokenizer_fingerprint() != big.tokenizer_fingerprint():
+            why = (f"{big.info.name} and {m.info.name} have vocabularies of the same size ({m.info.vocab_size:,}) but "
+                   "different tokenizers")
+        else:
+            continue
+        raise ArfuseError(f"{why}: the {rule} rule needs one tokenizer; {cross_tokenizer_hint()}")
