@@ -29,3 +29,45 @@ def score_config(args):
     from arfuse.scoring.scorer import ScoreConfig
 
     return ScoreConfig(window=args.window, stride=args.stride, convention=args.convention, bos=args.bos, topk=args.topk)
+
+
+def add_rule_options(p: argparse.ArgumentParser, *, default: str = "linear") -> None:
+    """--rule (any registered fusion rule) and its parameters: --power/--embeddings for the cosine
+    rule, --param NAME=VALUE for any rule's parameter."""
+    from arfuse.fusion.registry import available_rules
+
+    rules = available_rules()
+    p.add_argument("--rule", default=default, metavar="RULE",
+                   help=f"fusion rule: {', '.join(rules)} (default: {default}); the cosine rule is the paper's B.3 "
+                        "variant, P ∝ p_LLM s(v, argmax p_SLM)^p")
+    p.add_argument("--power", type=float, help="--rule cosine: its power p >= 0")
+    p.add_argument("--embeddings", choices=["large", "small"], help="--rule cosine: whose token embeddings give the "
+                   "similarity (default: large)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a parameter of the chosen rule (repeat for several)")
+
+
+def rule_params(args) -> dict:
+    """The rule's parameters from --power, --embeddings and --param NAME=VALUE (numbers where they parse)."""
+    from arfuse.errors import ArfuseError
+    from arfuse.fusion.registry import get_rule
+
+    params = {}
+    for item in args.param:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise ArfuseError(f"--param {item!r}: give NAME=VALUE, e.g. --param power=1.5")
+        try:
+            params[name.strip()] = float(value)
+        except ValueError:
+            params[name.strip()] = value.strip()
+    for name in ("power", "embeddings"):
+        if getattr(args, name, None) is not None:
+            params[name] = getattr(args, name)
+    known = {p.name for p in get_rule(args.rule).params}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ArfuseError(f"{', '.join('--' + n if n in ('power', 'embeddings') else n for n in unknown)} "
+                          f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} of the {args.rule} "
+                          f"rule (its parameters: {', '.join(sorted(known)) or 'none'})")
+    return params
