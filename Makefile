@@ -25,6 +25,8 @@ demo: $(STAMP)
 	$(VENV)/bin/arfuse demo
 
 test: $(STAMP)
+	# the layering of DESIGN.md (pyproject.toml, [tool.importlinter]): a package imports only from below
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

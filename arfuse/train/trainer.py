@@ -239,7 +239,7 @@ def check_run_folder(out: Path, cfg: TrainConfig) -> dict | None:
 def _versions() -> dict:
     import transformers
 
-    from arfuse import __version__ as arfuse_version
+    from arfuse.version import __version__ as arfuse_version
 
     return {"arfuse": arfuse_version, "torch": torch.__version__, "transformers": transformers.__version__}
 

@@ -1,0 +1,1 @@
+"""Scoring: windows (each token scored exactly once), per-token records, the on-disk cache."""
