@@ -56,7 +56,8 @@ def run_arfuse(cfg) -> dict:
 def run_plain(cfg) -> dict:
     """The plain loop: the same module, optimiser, loss and batches; nothing else."""
     from arfuse.train.models import TrainModel, VocabMap
-    from arfuse.train.trainer import Batches, prepare
+    from arfuse.train.batches import Batches
+    from arfuse.train.trainer import prepare
 
     prep = prepare(cfg)
     vmap = VocabMap.build(prep.tokenizer.vocab_size, prep.train_ids, cfg.compact_vocab)

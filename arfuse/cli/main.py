@@ -10,7 +10,7 @@ from arfuse.errors import ArfuseError
 
 # Every module of arfuse.cli that defines register(subparsers) is a subcommand; it sets a
 # `func(args) -> int` default. Listed first in this order, then any others alphabetically.
-FIRST = ["score", "eval", "search", "law", "train", "generate", "serve", "demo"]
+FIRST = ["score", "eval", "task", "law", "train", "generate", "demo"]
 
 
 def _command_modules() -> list[str]:

@@ -88,9 +88,6 @@ class ScoreCache:
         with np.load(io.BytesIO(data)) as z:
             return TokenRecords(*(z[f] for f in FIELDS))
 
-    def has_chunk(self, i: int) -> bool:
-        return self.load_chunk(i) is not None
-
     def save_chunk(self, i: int, rec: TokenRecords) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()

@@ -9,7 +9,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from arfuse.errors import ArfuseError, did_you_mean
@@ -111,11 +111,6 @@ class TrainConfig:
             raise ArfuseError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHS)}." + did_you_mean(arch, ARCHS))
         values = {**PRESETS[arch], **merged}
         cfg = cls(**{k: coerce(k, v) for k, v in values.items()})
-        cfg.validate()
-        return cfg
-
-    def with_(self, **changes) -> TrainConfig:
-        cfg = replace(self, **{k: coerce(k, v) for k, v in changes.items()})
         cfg.validate()
         return cfg
 

@@ -107,7 +107,8 @@ def planned_tokens(cfg: TrainConfig) -> int:
     per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     if cfg.max_steps:
         return cfg.max_steps * per_step
-    from arfuse.train.trainer import Batches, prepare
+    from arfuse.train.batches import Batches
+    from arfuse.train.trainer import prepare
 
     import torch
 
