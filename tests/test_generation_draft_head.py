@@ -2,12 +2,11 @@
 still exactly the fused model's, rows stay independent of their batch, and the sets are what they say."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 import arfuse.generation.draft_head as dh
+from arfuse.adapters.base import CausalLM, Encoding, ModelInfo
 from arfuse.generation.api import generate
 from arfuse.generation.draft_head import DraftHead
 
@@ -98,9 +97,9 @@ def test_sets_exact_head_and_spread(models):
 
     ids = torch.tensor([S.encode("The quick brown fox").ids])
     with torch.no_grad(), head.drafting():
-        sub = S.model(input_ids=ids.expand(2, -1), use_cache=False).logits  # (2, T, |union|)
+        sub = S.forward_logits(ids.expand(2, -1))  # (2, T, |union|)
     assert torch.isinf(sub[1][:, ~head.rows[1][head.idx]]).all()  # outside row 1's own set: -inf
-    ref = torch.log_softmax(S.model(input_ids=ids, use_cache=False).logits.float(), -1)
+    ref = torch.log_softmax(S.forward_logits(ids).float(), -1)
     assert torch.allclose(head.exact()[:1], ref, atol=1e-5)
     spread = head.spread(torch.log_softmax(sub[:, -1], -1))
     assert torch.isinf(spread[0, ~head.rows[0]]).all()
@@ -108,45 +107,61 @@ def test_sets_exact_head_and_spread(models):
     assert torch.allclose(spread[0, head.rows[0]], torch.log_softmax(ref[0, -1, head.rows[0]], -1), atol=1e-4)
 
 
+class _Toy(CausalLM):
+    """A model-free causal LM: an embedding, then ``forward`` of its module; its output layer is ``lm_head``."""
+
+    def __init__(self, module):
+        self.module = module
+        self.info = ModelInfo("toy", "toy", 0, module.lm_head.out_features, None)
+
+    def encode(self, text):
+        return Encoding([], [])
+
+    def decode(self, ids):
+        return ""
+
+    def tokenizer_fingerprint(self):
+        return "toy"
+
+    def forward_logits(self, input_ids, attention_mask=None):
+        return self.module(input_ids)
+
+    def network(self):
+        return self.module
+
+    def output_layer(self):
+        return self.module.lm_head
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, vocab: int, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+        self.emb = torch.nn.Embedding(vocab, 4)
+        self.lm_head = torch.nn.Linear(4, vocab, bias=False)
+
+    def forward(self, input_ids):
+        return self.scale * self.lm_head(self.emb(input_ids))
+
+
 def test_models_whose_logits_are_not_the_output_layer_keep_the_whole_head():
     """A probe compares the logits with the output layer's product: scaled logits fail it."""
-    class Scaled(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(10, 4)
-            self.lm_head = torch.nn.Linear(4, 10, bias=False)
-
-        def get_output_embeddings(self):
-            return self.lm_head
-
-        def forward(self, input_ids, use_cache=False):
-            return SimpleNamespace(logits=2.0 * self.lm_head(self.emb(input_ids)))
-
-    model = SimpleNamespace(model=Scaled(), bos_id=None)
-    assert DraftHead.for_model(model) is None
-    model.model.forward = lambda input_ids, use_cache=False: SimpleNamespace(
-        logits=model.model.lm_head(model.model.emb(input_ids)))
-    assert DraftHead.for_model(model) is not None
-    assert DraftHead.for_model(SimpleNamespace(model=torch.nn.Linear(2, 2))) is None  # no output layer to find
+    scaled = _Toy(_Head(10, scale=2.0))
+    assert DraftHead.for_model(scaled) is None
+    scaled.module.scale = 1.0
+    assert DraftHead.for_model(scaled) is not None
+    assert "forward" not in scaled.module.lm_head.__dict__  # the probe put the layer back as it was
+    plain = _Toy(_Head(10))
+    plain.output_layer = lambda: None  # no output layer to find
+    assert DraftHead.for_model(plain) is None
 
 
 def test_a_head_with_repeated_rows_drafts_whole_when_the_kernels_compute_them_once():
     """A compact-vocabulary head (most rows shared, as arfuse train exports) is cheap with the
     generation kernels: no candidate set then; without the kernels it still gets one."""
-    class Compact(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(9000, 4)
-            self.lm_head = torch.nn.Linear(4, 9000, bias=False)
-            with torch.no_grad():
-                self.lm_head.weight[100:] = self.lm_head.weight[99]  # 8,901 rows share one
-
-        def get_output_embeddings(self):
-            return self.lm_head
-
-        def forward(self, input_ids, use_cache=False):
-            return SimpleNamespace(logits=self.lm_head(self.emb(input_ids)))
-
-    model = SimpleNamespace(model=Compact(), bos_id=None)
+    compact = _Head(9000)
+    with torch.no_grad():
+        compact.lm_head.weight[100:] = compact.lm_head.weight[99]  # 8,901 rows share one
+    model = _Toy(compact)
     assert DraftHead.for_model(model, shared_rows_once=True) is None
     assert DraftHead.for_model(model) is not None

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from arfuse.adapters.llama2c import (BOS_ID, HEADER, MIN_MERGE_SCORE, Llama2cConfig, Llama2cLM, Llama2cTokenizer,
-                                     read_checkpoint)
+from arfuse.adapters.llama2c import HEADER, Llama2cConfig, Llama2cLM, read_checkpoint
+from arfuse.adapters.llama2c_tokenizer import BOS_ID, MIN_MERGE_SCORE, Llama2cTokenizer
 from arfuse.errors import ArfuseError
 from arfuse.paths import shared_data_root
 

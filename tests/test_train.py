@@ -133,11 +133,10 @@ def test_checkpoint_scores_as_the_trainer_validated(texts, tmp_path, shared_data
         # "Zarephath" never occurs in the training text: the shared slot still gives it a finite score
         assert meta["vocab"]["unseen_tokens"] > 0
     if arch == "transformer":  # its output layer repeats the shared row: generation computes each row once
+        from arfuse.adapters.kernels import shared_rows
         from arfuse.generation.api import generate
-        from arfuse.generation.draft_head import output_layer
-        from arfuse.generation.kernels import shared_rows
 
-        assert shared_rows(output_layer(model)).distinct == meta["vocab"]["trained_rows"]
+        assert shared_rows(model.output_layer()).distinct == meta["vocab"]["trained_rows"]
         on, off = (generate("And the light", large=model, max_new_tokens=8, stop_at_eos=False, fast_kernels=f)
                    for f in (True, False))
         assert len(on.token_ids) == 8 and on.token_ids == off.token_ids

@@ -18,6 +18,8 @@ _LOADED: dict[tuple, object] = {}
 def _resolve(spec: str) -> str:
     """The local path of a short name, else ``spec``; a near-miss of a short name fails with the fix."""
     path_str = resolve_alias(spec) or spec
+    if path_str == spec and backend_for(spec).name != "hf":  # a name another backend knows (resnet20, esm2-...)
+        return spec
     if path_str == spec and "/" not in spec and not Path(spec).exists():
         hint = did_you_mean(spec.lower(), ALIASES)
         if hint:  # a near-miss of a short name, not a hub id

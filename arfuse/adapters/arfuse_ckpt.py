@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from arfuse.adapters.base import CausalLM, Encoding, ModelInfo, backend_fingerprint, file_sha256, fingerprint_json
+from arfuse.adapters.rnn import RNNLM, RNNConfig, RNNStepState, rnn_step
 from arfuse.errors import ArfuseError
 
 
@@ -39,7 +40,6 @@ class ArfuseRNNLM(CausalLM):
         from transformers import AutoTokenizer
 
         from arfuse.adapters.hf import resolve_device
-        from arfuse.train.rnn import RNNLM, RNNConfig
 
         self.device = resolve_device(str(device))
         cfg = RNNConfig(**meta["model"])
@@ -86,35 +86,24 @@ class ArfuseRNNLM(CausalLM):
 
     @torch.no_grad()
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_step(input_ids, None, attention_mask)[0]
+        return rnn_step(self.model, input_ids, None, attention_mask, record=False)[0]
 
     @torch.no_grad()
     def forward_logits_tail(self, input_ids: torch.Tensor, n: int) -> torch.Tensor:
         out, _ = self.model.rnn(self.model.encoder(input_ids.to(self.device)))  # (B, T, H); no dropout in eval
         return self.model.decoder(out[:, -n:])
 
-    @torch.no_grad()
-    def forward_step(self, input_ids: torch.Tensor, past=None, attention_mask: torch.Tensor | None = None):
-        """Logits (B, T, V) of new tokens given the state after the earlier ones, and the new state.
+    def forward_step(self, input_ids: torch.Tensor, past: RNNStepState | None = None,
+                     attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RNNStepState]:
+        """Logits (B, T, V) of new tokens given the state after the earlier ones, and the new state
+        (``arfuse.adapters.rnn.rnn_step``): a padded position leaves its row's state unchanged."""
+        return rnn_step(self.model, input_ids, past, attention_mask)
 
-        Left padding (``attention_mask`` 0) is skipped: each row starts its state at its first real token.
-        """
-        ids = input_ids.to(self.device)
-        if attention_mask is None or bool(attention_mask.all()):
-            return self.model(ids, past)
-        mask = attention_mask.to(self.device).bool()
-        logits = torch.zeros(*ids.shape, self.info.vocab_size, device=self.device)
-        states = []
-        for b in range(ids.shape[0]):
-            keep = mask[b]
-            row_past = None if past is None else self._row(past, b)
-            lo, st = self.model(ids[b:b + 1, keep], row_past)
-            logits[b, keep] = lo[0]
-            states.append(st)
-        if isinstance(states[0], tuple):
-            return logits, tuple(torch.cat([s[i] for s in states], dim=1) for i in range(len(states[0])))
-        return logits, torch.cat(states, dim=1)
+    def network(self) -> torch.nn.Module:
+        return self.model
 
-    @staticmethod
-    def _row(state, b: int):
-        return tuple(s[:, b:b + 1] for s in state) if isinstance(state, tuple) else state[:, b:b + 1]
+    def input_embeddings(self) -> torch.Tensor:
+        return self.model.encoder.weight.detach()
+
+    def output_layer(self) -> torch.nn.Linear:
+        return self.model.decoder

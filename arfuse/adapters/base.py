@@ -1,17 +1,24 @@
 """The narrow interface every causal language model adapter implements.
 
-An adapter only loads a model and scores: it turns text into token ids (with the
-character offsets each token closes) and token ids into float32 log-probabilities.
-Fusion, metrics and data sets live elsewhere.
+An adapter loads a model and scores: it turns text into token ids (with the character offsets
+each token closes) and token ids into float32 log-probabilities. For generation it offers an
+incremental step (``forward_step``) whose ``StepState`` rolls back and selects its own rows, its
+input embeddings and output layer as methods, and its few-row CPU kernels. Fusion, metrics and
+data sets live elsewhere.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+
+from arfuse.adapters.kernels import FewRowKernels
+from arfuse.errors import ArfuseError
 
 BOS_POLICIES = ("auto", "always", "never")
 
@@ -39,6 +46,75 @@ class ModelInfo:
     vocab_size: int
     max_length: int | None         # context length, None when unbounded (RNNs)
     identity: dict = field(default_factory=dict)  # path/hub id, revision, file hashes
+
+
+class StepState(ABC):
+    """A model's incremental state after the tokens fed so far (a KV cache, an RNN's hidden states,
+    or the token sequences themselves), one per batch row. ``CausalLM.forward_step`` makes and
+    extends it; whoever decodes only calls these two methods."""
+
+    @abstractmethod
+    def rollback(self, n_fed: int, keep: torch.Tensor) -> None:
+        """Of the last ``n_fed`` positions fed (since the last rollback), row b keeps the first
+        ``keep[b]`` ((B,) long); the rest are forgotten, as if never fed."""
+
+    @abstractmethod
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (1-D long), in that order."""
+
+
+class MaskedKVState(StepState):
+    """A KV cache with ``mask`` (B, T_past) bool, True for real tokens, and ``next_pos`` (B,) long,
+    each row's next position (it counts real tokens only). Rolled-back positions become masked-out
+    ones, cropped once no row uses them; subclasses crop and select their own tensors."""
+
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def rollback(self, n_fed: int, keep: torch.Tensor) -> None:
+        L = self.mask.shape[1]
+        keep = keep.to(self.mask.device)
+        tail = self.mask[:, L - n_fed:]  # (B, n_fed)
+        kept = tail & (torch.arange(n_fed, device=tail.device)[None, :] < keep[:, None])
+        self.mask = torch.cat([self.mask[:, :L - n_fed], kept], dim=1)
+        self.next_pos = self.next_pos - (tail & ~kept).long().sum(1).to(self.next_pos.device)
+        used = self.mask.any(0)  # crop the trailing positions that no row uses any more
+        trailing = int(L - (torch.nonzero(used).max().item() + 1)) if used.any() else L
+        if trailing:
+            self.mask = self.mask[:, :L - trailing]
+            self._crop(trailing)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.mask = self.mask[rows.to(self.mask.device)]
+        self.next_pos = self.next_pos[rows.to(self.next_pos.device)]
+        self._select(rows)
+
+    @abstractmethod
+    def _crop(self, n: int) -> None:
+        """Drop the cache's last ``n`` positions (``mask`` is cropped already)."""
+
+    @abstractmethod
+    def _select(self, rows: torch.Tensor) -> None:
+        """Keep the cache's batch rows ``rows`` (``mask`` and ``next_pos`` are selected already)."""
+
+
+@dataclass
+class RerunState(StepState):
+    """No cache: each row's real tokens so far, which every step runs the model over again."""
+
+    seqs: list[list[int]]
+
+    def rollback(self, n_fed: int, keep: torch.Tensor) -> None:
+        for seq, k in zip(self.seqs, keep.tolist()):
+            if n_fed - k:
+                del seq[len(seq) - (n_fed - k):]
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.seqs = [self.seqs[i] for i in rows.tolist()]
 
 
 class CausalLM(ABC):
@@ -91,11 +167,72 @@ class CausalLM(ABC):
         logits = self.forward_logits(input_ids.to(self.device), attention_mask if attention_mask is None else attention_mask.to(self.device))
         return torch.log_softmax(logits.float(), dim=-1)
 
+    # ---- generation ------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_step(self, input_ids: torch.Tensor, past: StepState | None = None,
+                     attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, StepState]:
+        """Logits (B, T, V) of the new tokens ``input_ids`` (B, T) given the state after the earlier
+        ones, and the state after them (``past`` may be extended in place: use the one returned).
+        ``attention_mask`` (B, T) marks the real new tokens: padding changes nothing.
+
+        This default keeps no cache and reruns each row on its whole sequence (correct, slow);
+        backends with a KV cache or a recurrent state override it."""
+        B, T = input_ids.shape
+        real = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
+        state = past if past is not None else RerunState([[] for _ in range(B)])
+        out = torch.zeros(B, T, self.info.vocab_size, device=self.device)
+        for b, seq in enumerate(state.seqs):
+            new = [int(t) for t, r in zip(input_ids[b].tolist(), real[b].tolist()) if r]
+            seq.extend(new)
+            if new:  # a row of padding only: its state is unchanged
+                x = torch.tensor([seq], dtype=torch.long, device=self.device)
+                out[b, real[b].to(self.device)] = self.forward_logits_tail(x, len(new))[0].float()  # (n, V)
+        return out, state
+
+    def network(self) -> torch.nn.Module | None:
+        """The torch module that computes the logits (its layers get the few-row kernels), or None."""
+        return None
+
+    def input_embeddings(self) -> torch.Tensor:
+        """The (V, D) token-embedding matrix (the cosine rule's similarities)."""
+        raise ArfuseError(f"{self.info.name} ({self.info.kind}) offers no token embeddings: the cosine rule needs "
+                          "them; use --rule linear")
+
+    def output_layer(self) -> torch.nn.Linear | None:
+        """The ``nn.Linear`` that maps the last hidden states to the logits, or None when there is none."""
+        return None
+
+    @contextlib.contextmanager
+    def output_replaced(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """While inside, the output layer returns ``fn(x)`` for its input x (the last hidden states,
+        (..., D)), so the model's logits are whatever ``fn`` makes of them. Needs ``output_layer()``."""
+        lin = self.output_layer()
+        if lin is None:
+            raise ArfuseError(f"{self.info.name} has no output layer to replace")
+        d = lin.__dict__
+        before = d.get("forward")
+        d["forward"] = fn
+        try:
+            yield
+        finally:
+            if before is None:
+                d.pop("forward", None)
+            else:
+                d["forward"] = before
+
+    def fast_kernels(self) -> FewRowKernels:
+        """This model's few-row CPU kernels (``arfuse.adapters.kernels``): made and measured on the
+        first call, brought up to date with the weights on each; enter ``.active()`` to use them."""
+        kernels = self.__dict__.get("_fast_kernels")
+        if kernels is None:
+            kernels = self.__dict__["_fast_kernels"] = FewRowKernels(self.network())
+        else:
+            kernels.refresh()
+        return kernels
+
     # ---- BOS policy ------------------------------------------------------------------
     def uses_bos(self, policy: str) -> bool:
         """Whether to prepend BOS under ``policy`` ('auto' follows the tokenizer's default)."""
-        from arfuse.errors import ArfuseError
-
         if policy not in BOS_POLICIES:
             raise ArfuseError(f"unknown BOS policy {policy!r}: use one of {', '.join(BOS_POLICIES)}")
         if policy == "never":

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from arfuse.adapters.base import CausalLM, Encoding, ModelInfo, backend_fingerprint, file_sha256, fingerprint_json
+from arfuse.adapters.base import (CausalLM, Encoding, MaskedKVState, ModelInfo, backend_fingerprint, file_sha256,
+                                  fingerprint_json)
 from arfuse.errors import ArfuseError
 from arfuse.paths import cache_root
 
@@ -58,16 +59,19 @@ def load_hf_tokenizer(spec: str):
 
 
 @dataclass
-class HFStepCache:
+class HFStepCache(MaskedKVState):
     """A transformers KV cache with which of its positions are real tokens and each row's next position."""
 
     cache: object               # transformers DynamicCache, extended in place by each step
     mask: torch.Tensor          # (B, T_past) bool, True for real tokens
     next_pos: torch.Tensor      # (B,) long
+    device: torch.device        # where the cache's tensors are
 
-    @property
-    def length(self) -> int:
-        return self.mask.shape[1]
+    def _crop(self, n: int) -> None:
+        self.cache.crop(-n)  # edited in place
+
+    def _select(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows.to(self.device))
 
 
 class HFCausalLM(CausalLM):
@@ -160,6 +164,19 @@ class HFCausalLM(CausalLM):
     def forward_logits(self, input_ids, attention_mask=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
+    def network(self) -> torch.nn.Module:
+        return self.model
+
+    def input_embeddings(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight.detach()
+
+    def output_layer(self) -> torch.nn.Linear | None:
+        try:
+            lin = self.model.get_output_embeddings()
+        except (NotImplementedError, AttributeError):
+            return None
+        return lin if type(lin) is torch.nn.Linear else None
+
     @torch.no_grad()
     def forward_step(self, input_ids: torch.Tensor, past: HFStepCache | None = None,
                      attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, HFStepCache]:
@@ -174,12 +191,12 @@ class HFCausalLM(CausalLM):
         new_mask = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
         if past is None:
             past = HFStepCache(DynamicCache(config=self.model.config), torch.zeros(B, 0, dtype=torch.bool),
-                               torch.zeros(B, dtype=torch.long))
+                               torch.zeros(B, dtype=torch.long), self.device)
         mask = torch.cat([past.mask, new_mask], dim=1)  # (B, T_past + T)
         pos = (past.next_pos[:, None] + new_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.long().to(self.device),
                          position_ids=pos.to(self.device), past_key_values=past.cache, use_cache=True)
-        return out.logits, HFStepCache(out.past_key_values, mask, past.next_pos + new_mask.long().sum(1))
+        return out.logits, HFStepCache(out.past_key_values, mask, past.next_pos + new_mask.long().sum(1), self.device)
 
     def forward_logits_tail(self, input_ids, n):
         try:

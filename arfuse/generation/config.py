@@ -42,7 +42,7 @@ class GenerationConfig:
     truncate: str = "error"              # a prompt too long for a model's context: "error" or "left"
     stop_at_eos: bool = True
     bos: str = "auto"
-    fast_kernels: bool = True            # 2-8-row products as W @ x.T; repeated head rows once (generation.kernels)
+    fast_kernels: bool = True            # 2-8-row products as W @ x.T; repeated head rows once (adapters.kernels)
     draft: str = "auto"                  # who drafts: "slm" (the first small model), "lookup" (the text), "hybrid"
     #                                      (per row, the text's copy or the SLM) or "auto" (hybrid; lookup without an SLM)
     draft_head: str = "candidates"       # the drafting SLM's head while drafting: "candidates" or "full"

@@ -19,44 +19,33 @@ token lies outside C (its exact argmax was in C at 100.0% of drafted positions i
 bench_generate's runs on held-out KJV passages). ``GenerationStats.draft_head_coverage``
 reports that share for each run. Measured (one thread): drafting per cycle 16 vs 27 ms at g = 3
 in one interleaved comparison; 18 vs 22 ms (g = 2), 25 vs 31 ms (g = 3), 38 vs 59 ms (g = 6) in
-the sweep of benchmarks/bench_generate.py (64 tokens). End to end it changes little on the benchmark's KJV pair, whose drafts are
-accepted a quarter of the time: there, verification dominates.
+the sweep of benchmarks/bench_generate.py (64 tokens). End to end it changes little on the
+benchmark's KJV pair, whose drafts are accepted a quarter of the time: there, verification dominates.
 
-Only an output layer that is a plain ``nn.Linear`` whose output is the model's logits qualifies:
-a probe on two tokens compares them (soft-capped or scaled logits fail it), and any other model
-drafts with its whole head.
+Only an output layer that is a plain ``nn.Linear`` whose output is the model's logits qualifies
+(``CausalLM.output_layer``; its product is replaced through ``CausalLM.output_replaced``): a probe
+on two tokens compares them (soft-capped or scaled logits fail it), and any other model drafts with
+its whole head.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
 
-from arfuse.generation.kernels import shared_rows
+from arfuse.adapters.base import CausalLM
 
 TOP_K = 32          # each exact distribution's best tokens join its row's set
 PRIOR = 4096        # a row's first distributions: their most probable tokens join its set
 
 
-def output_layer(model) -> torch.nn.Linear | None:
-    """The output ``nn.Linear`` of an adapter's transformers model, or None."""
-    module = getattr(model, "model", None)
-    get = getattr(module, "get_output_embeddings", None)
-    if get is None:
-        return None
-    try:
-        lin = get()
-    except (NotImplementedError, AttributeError):
-        return None
-    return lin if type(lin) is torch.nn.Linear else None
-
-
 class DraftHead:
     """Per-row candidate sets of one model's vocabulary, and its output layer restricted to them."""
 
-    def __init__(self, lin: torch.nn.Linear, top_k: int | None = None, prior: int | None = None):
+    def __init__(self, model: CausalLM, lin: torch.nn.Linear, top_k: int | None = None, prior: int | None = None):
+        self.model = model
         self.lin = lin
         self.vocab = lin.out_features
         self.top_k = min(TOP_K if top_k is None else top_k, self.vocab)
@@ -73,24 +62,24 @@ class DraftHead:
         self.positions = 0
 
     @classmethod
-    def for_model(cls, model, shared_rows_once: bool = False) -> DraftHead | None:
+    def for_model(cls, model: CausalLM, shared_rows_once: bool = False) -> DraftHead | None:
         """A DraftHead for ``model`` if its logits are exactly its output layer applied to the last
         hidden state (a probe on two tokens), else None. None too with ``shared_rows_once`` (the
         generation kernels are on) for a layer whose repeated rows those kernels compute once (a
         compact-vocabulary SLM from ``arfuse train``): its whole head is cheap already (0.4 ms on
         the KJV SLM), and candidates only added work (bench_generate, three runs: whole head
         1.006/1.028/1.041x SmolLM2 alone, candidates 1.000/1.006/1.014x)."""
-        lin = output_layer(model)
-        if lin is None:
+        lin = model.output_layer()
+        if type(lin) is not torch.nn.Linear:
             return None
-        if shared_rows_once and shared_rows(lin) is not None:
+        if shared_rows_once and model.fast_kernels().shared_rows(lin) is not None:
             return None
-        head = cls(lin)
+        head = cls(model, lin)
         ids = torch.tensor([[model.bos_id if model.bos_id is not None else 0, 1]], device=lin.weight.device)
         with torch.no_grad(), head._capture(lambda x: F.linear(x, lin.weight, lin.bias)):
             try:
-                logits = model.model(input_ids=ids, use_cache=False).logits
-            except Exception:  # an unusual forward signature: keep the whole head
+                logits = model.forward_logits(ids)
+            except Exception:  # an unusual forward: keep the whole head
                 return None
         if len(head.hidden) != 1:
             return None
@@ -159,24 +148,13 @@ class DraftHead:
         self.positions += int(on_text.sum())
 
     # ---- drafting -------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _capture(self, fn) -> Iterator[None]:
-        """While inside, the output layer keeps its inputs (the hidden states) and returns fn(x)."""
-        d = self.lin.__dict__
-        before = d.get("forward")
-
+    def _capture(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AbstractContextManager[None]:
+        """While inside, the model's output layer keeps its inputs (the hidden states) and returns fn(x)."""
         def forward(x):
             self.hidden.append(x.detach())
             return fn(x)
 
-        d["forward"] = forward
-        try:
-            yield
-        finally:
-            if before is None:
-                d.pop("forward", None)
-            else:
-                d["forward"] = before
+        return self.model.output_replaced(forward)
 
     def drafting(self):
         """While inside, the model's logits (B, T, |union|) cover the union of the rows' sets, in the
@@ -192,6 +170,7 @@ class DraftHead:
         out[..., self.idx.to(out.device)] = logp_c
         return out
 
+    @torch.no_grad()
     def exact(self) -> torch.Tensor:
         """The model's exact log-probs (B, n, V) at the positions drafted since the last call."""
         h = torch.cat(self.hidden, dim=1)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from arfuse.adapters.rnn import RNNConfig, RNNLM
 from arfuse.train.config import TrainConfig
-from arfuse.train.rnn import RNNConfig, RNNLM
 
 # (input embedding, output weight, output bias) parameter names of each model kind
 VOCAB_PARAMS = {
