@@ -22,27 +22,24 @@ the SLM otherwise.
 batch-1 prompts, whether the SLM's best token and the lookup copy equal the fused model's token
 (the first draft's acceptance, by source).
 
-The SLM. Until the trainer gives an SLM on SmolLM2's tokenizer, this benchmark builds one: SmolLM2
-truncated to its first --layers layers, its output head factorised to rank --rank (SVD of the tied
-embedding), distilled on the LLM's own next-token distributions over WikiText-2 (test, raw) for
---distill-steps steps. It is cached, so later runs start at once. `--slm PATH` uses any other model.
+The SLM: any small model on the LLM's tokenizer (--slm; default runs/kjv-slm, the acceptance SLM
+that `arfuse train --config configs/kjv-slm.toml --out runs/kjv-slm` trains). The weight: --weight,
+or the NLL-optimal one on --weight-data (arfuse.tasks.heads.evaluate).
 
-Usage: python benchmarks/bench_generate.py [--threads 1] [--json benchmarks/results/generate.json]
+Usage: python benchmarks/bench_generate.py --slm runs/kjv-slm --passages "kjv[95%:]" --weight 0.938307 \
+           --threads 1 --json benchmarks/results/generate.json
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import io
 import json
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 PROMPTS = [
@@ -55,136 +52,6 @@ PROMPTS = [
     "The ocean covers most of the Earth's surface, and",
     "To train a neural network, you first",
 ]
-
-
-# ---- the SLM partner ------------------------------------------------------------------------
-class LowRankHead(torch.nn.Module):
-    """hidden (D) -> rank r -> vocabulary (V): the output layer at a fraction of its cost."""
-
-    def __init__(self, d: int, r: int, v: int):
-        super().__init__()
-        self.down = torch.nn.Linear(d, r, bias=False)
-        self.up = torch.nn.Linear(r, v, bias=False)
-
-    def forward(self, h):
-        return self.up(self.down(h))
-
-
-def truncated_smollm2(llm_hf, layers: int, rank: int):
-    """SmolLM2's embeddings, first ``layers`` blocks and final norm, with a rank-``rank`` SVD head."""
-    from transformers import LlamaForCausalLM
-
-    cfg = copy.deepcopy(llm_hf.config)
-    cfg.num_hidden_layers = layers
-    cfg.tie_word_embeddings = False
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = cfg.layer_types[:layers]
-    student = LlamaForCausalLM(cfg)
-    sd = {k: v for k, v in llm_hf.state_dict().items()
-          if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
-    sd.pop("lm_head.weight", None)
-    student.load_state_dict(sd, strict=False)
-    E = llm_hf.get_output_embeddings().weight.detach().float()  # (V, D)
-    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
-    head = LowRankHead(E.shape[1], rank, E.shape[0])
-    with torch.no_grad():
-        head.down.weight.copy_(Vh[:rank])                 # (r, D)
-        head.up.weight.copy_(U[:, :rank] * S[:rank])      # (V, r)
-    student.lm_head = head
-    return student.eval()
-
-
-def distill(student, teacher, text_ids: torch.Tensor, steps: int, seq: int = 128, batch: int = 4, lr: float = 2e-3,
-            log=print) -> list[float]:
-    """Train the student's blocks, norm and head on KL(p_teacher || q_student), embeddings frozen."""
-    student.model.embed_tokens.weight.requires_grad_(False)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    student.train()
-    t0 = time.time()
-    for step in range(steps):
-        starts = torch.randint(0, len(text_ids) - seq - 1, (batch,), generator=g)
-        x = torch.stack([text_ids[s:s + seq] for s in starts.tolist()])  # (B, T)
-        with torch.no_grad():
-            lp_t = torch.log_softmax(teacher(input_ids=x).logits.float(), -1)  # (B, T, V)
-        lp_s = torch.log_softmax(student(input_ids=x).logits.float(), -1)
-        loss = (lp_t.exp() * (lp_t - lp_s)).sum(-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        opt.step()
-        losses.append(loss.item())
-        if step % 10 == 0 or step == steps - 1:
-            log(f"  distill step {step + 1}/{steps}: KL {loss.item():.3f} nats/token ({time.time() - t0:.0f} s)")
-    student.eval()
-    return losses
-
-
-def wrap_as_adapter(hf_model, like, name: str, n_params: int):
-    """An arfuse HFCausalLM around an in-process transformers model, sharing ``like``'s tokenizer."""
-    from arfuse.adapters.base import ModelInfo
-    from arfuse.adapters.hf import HFCausalLM
-
-    m = HFCausalLM.__new__(HFCausalLM)
-    m.model, m.tokenizer = hf_model, like.tokenizer
-    m.device, m.dtype = like.device, like.dtype
-    m.bos_id, m.eos_id, m.default_add_bos = like.bos_id, like.eos_id, like.default_add_bos
-    m.info = ModelInfo(name=name, kind="hf", num_parameters=n_params, vocab_size=like.info.vocab_size,
-                       max_length=like.info.max_length, identity={"built": name})
-    m._tok_fp = like.tokenizer_fingerprint()
-    return m
-
-
-def build_partner(llm, layers: int, rank: int, steps: int, log=print):
-    from arfuse.paths import cache_root, shared_data_root
-
-    key = f"smollm2-trunc{layers}-rank{rank}-distill{steps}-{llm.info.identity.get('gguf_sha256', 'x')[:12]}"
-    path = cache_root() / "bench" / f"{key}.pt"
-    student = truncated_smollm2(llm.model, layers, rank)
-    info = {"layers": layers, "rank": rank, "distill_steps": steps}
-    if path.exists():
-        saved = torch.load(path, weights_only=False)
-        student.load_state_dict(saved["state_dict"])
-        info.update(saved["info"], cached=True)
-        log(f"partner SLM loaded from {path}")
-    else:
-        root = shared_data_root()
-        text = (root / "text/wikitext-2/wiki.test.raw").read_text(encoding="utf-8")
-        ids = torch.tensor(llm.encode(text[:400_000]).ids)
-        log(f"distilling the partner SLM on {len(ids):,} WikiText-2 test tokens ({steps} steps of 4 x 128 tokens)")
-        t0 = time.time()
-        losses = distill(student, llm.model, ids, steps, log=log)
-        info.update(distill_seconds=round(time.time() - t0, 1), kl_first=losses[0], kl_last10=float(np.mean(losses[-10:])),
-                    corpus="WikiText-2 test (raw), first 400,000 characters", cached=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"state_dict": student.state_dict(), "info": info}, tmp)
-        tmp.replace(path)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    n = sum(p.numel() for p in student.parameters())
-    name = f"SmolLM2-first{layers}layers-rank{rank}head-distilled{steps}"
-    info["num_parameters"] = n
-    return wrap_as_adapter(student, llm, name, n), info
-
-
-def export_partner(slm, folder: str) -> None:
-    """Save the partner as a standard Hugging Face folder (its low-rank head multiplied out), so that
-    `arfuse generate --small FOLDER` and `load_model` read it like any other model."""
-    from transformers import LlamaForCausalLM
-
-    student = slm.model
-    plain = LlamaForCausalLM(student.config)
-    sd = {k: v for k, v in student.state_dict().items() if not k.startswith("lm_head.")}
-    with torch.no_grad():
-        sd["lm_head.weight"] = student.lm_head.up.weight @ student.lm_head.down.weight  # (V, D)
-    plain.load_state_dict(sd)
-    plain.save_pretrained(folder)
-    slm.tokenizer.save_pretrained(folder)
 
 
 def passages(spec: str, n: int, chars: int) -> list[str]:
@@ -206,17 +73,13 @@ def passages(spec: str, n: int, chars: int) -> list[str]:
 
 
 # ---- timing -----------------------------------------------------------------------------------
-def nll_optimal_weight(llm, slm, n_chars: int = 6000) -> tuple[float, int]:
-    """The exact NLL-optimal w on WikiText-2 valid-like text the partner never saw (PTB valid)."""
-    from arfuse.paths import shared_data_root
-    from arfuse.search import optimal_weight
+def nll_optimal_weight(large: str, slm: str, data: str) -> tuple[float, str]:
+    """The exact NLL-optimal w on ``data`` (arfuse's evaluation head for causal LMs, cached scores)."""
+    from arfuse.tasks.config import EvalConfig
+    from arfuse.tasks.heads import evaluate
 
-    text = (shared_data_root() / "text/ptb/ptb.valid.txt").read_text(encoding="utf-8")[:n_chars]
-    ids = torch.tensor([llm.encode(text).ids])
-    with torch.no_grad():
-        lp = [torch.log_softmax(m.model(input_ids=ids).logits.float(), -1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
-              for m in (llm, slm)]
-    return optimal_weight(lp[0].double().numpy(), lp[1].double().numpy()).w, ids.shape[1] - 1
+    report = evaluate(EvalConfig(large=large, smalls=[slm], data=data), progress=False)
+    return report.weights[0], report.weight_source
 
 
 def hf_generate(model, tok, prompts, n_new, **kw) -> tuple[int, float]:
@@ -258,8 +121,7 @@ def draft_agreement(llm, slm, prompts, n_new, w) -> dict:
         best = {}  # each model's best next token after seq[:t], as it saw the text (with its own BOS rule)
         for name, m in (("slm", slm), ("llm", llm)):
             pre = [m.bos_id] if m.uses_bos("auto") else []
-            with torch.no_grad():
-                top = m.model(input_ids=torch.tensor([pre + seq])).logits[0].argmax(-1).tolist()
+            top = m.logprobs(torch.tensor([pre + seq]))[0].argmax(-1).tolist()
             best[name] = top[len(pre) - 1:] if pre else [None] + top  # best[name][t]: the guess for seq[t]
         for t in range(len(ids), len(seq)):
             y = seq[t]
@@ -276,11 +138,10 @@ def draft_agreement(llm, slm, prompts, n_new, w) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--large", default="smollm2-135m")
-    ap.add_argument("--slm", help="a small model on the LLM's tokenizer (default: build the distilled partner)")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--rank", type=int, default=128)
-    ap.add_argument("--distill-steps", type=int, default=150)
-    ap.add_argument("--weight", type=float, help="the LLM's weight w (default: NLL-optimal on PTB valid, 6,000 chars)")
+    ap.add_argument("--slm", default="runs/kjv-slm", help="a small model on the LLM's tokenizer (default: runs/kjv-slm, "
+                    "trained by `arfuse train --config configs/kjv-slm.toml --out runs/kjv-slm`)")
+    ap.add_argument("--weight", type=float, help="the LLM's weight w (default: NLL-optimal on --weight-data)")
+    ap.add_argument("--weight-data", default="kjv[90%:90.5%]", help="data the default weight is fitted on")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompts-b1", type=int, default=3, help="prompts timed one at a time")
     ap.add_argument("--g", default="auto", help="draft length of fused-spec: an integer or auto")
@@ -297,7 +158,6 @@ def main(argv=None) -> int:
                     "and cut at a word boundary: continuing text of the SLM's domain, as a user of that fused model would")
     ap.add_argument("--passage-chars", type=int, default=350)
     ap.add_argument("--json", help="write every number here")
-    ap.add_argument("--save-slm", metavar="FOLDER", help="also save the built partner SLM as a Hugging Face folder")
     args = ap.parse_args(argv)
     global PROMPTS
     if args.prompts:
@@ -325,23 +185,14 @@ def main(argv=None) -> int:
     t0 = time.time()
     llm = load_model(args.large)
     log(f"LLM {llm.info.name}: {llm.info.num_parameters / 1e6:.1f}M parameters ({time.time() - t0:.1f} s to load)")
-    if args.slm:
-        slm = load_model(args.slm)
-        report["slm"] = {"spec": args.slm, "num_parameters": slm.info.num_parameters}
-    else:
-        slm, info = build_partner(llm, args.layers, args.rank, args.distill_steps, log=log)
-        report["slm"] = {"name": slm.info.name, **info,
-                         "note": "built by this benchmark: no trained SLM on SmolLM2's tokenizer was used"}
+    if not Path(args.slm).exists() and args.slm.startswith("runs/"):
+        ap.error(f"--slm {args.slm} does not exist: train it with `arfuse train --config configs/kjv-slm.toml "
+                 f"--out {args.slm}` (about 15 minutes on two cores), or give another small model")
+    slm = load_model(args.slm)
+    report["slm"] = {"spec": args.slm, "num_parameters": slm.info.num_parameters}
     log(f"SLM {slm.info.name}: {slm.info.num_parameters / 1e6:.1f}M parameters")
-    if args.save_slm and not args.slm:
-        export_partner(slm, args.save_slm)
-        log(f"partner SLM saved to {args.save_slm}")
     if args.weight is None:
-        w, n_tok = nll_optimal_weight(llm, slm)
-        report["weight_source"] = f"NLL-optimal on PTB valid (first 6,000 characters, {n_tok} tokens)"
-        if not 0.0 < w < 1.0:
-            report["weight_source"] += f" was {w:.4f}, outside (0, 1): 0.9 used instead"
-            w = 0.9
+        w, report["weight_source"] = nll_optimal_weight(args.large, args.slm, args.weight_data)
     else:
         w = args.weight
         report["weight_source"] = "given (--weight)"
@@ -350,15 +201,16 @@ def main(argv=None) -> int:
     g = args.g if args.g == "auto" else int(args.g)
     tok = llm.tokenizer
     n = args.new_tokens
-    hf_llm, hf_slm = llm.model, slm.model
+    hf_llm, hf_slm = llm.network(), slm.network()  # the transformers models, for transformers' own generate
 
     # ---- what one pass costs: the LLM over T new tokens (as when verifying T - 1 drafts), the SLM over one --
-    from arfuse.generation.kernels import small_row_linears
     from arfuse.generation.state import ModelState
 
     ctx = torch.tensor([llm.encode(" ".join(PROMPTS[:3])).ids[:9]])
     for label, on in (("pass_cost_stock", False), ("pass_cost", True)):  # F.linear; arfuse's generation kernels
-        with small_row_linears([llm, slm], on):
+        with contextlib.ExitStack() as active:
+            for m in (llm, slm) if on else ():
+                active.enter_context(m.fast_kernels().active())
             st_l, st_s = ModelState(llm), ModelState(slm)
             st_l.feed(ctx)
             st_s.feed(ctx)

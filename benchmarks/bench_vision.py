@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -32,12 +31,6 @@ PAPER = {("resnet34", "resnet18"): 0.61, ("resnet50", "resnet18"): 0.21, ("resne
          ("resnet101", "resnet18"): 0.17, ("resnet101", "resnet34"): 0.41, ("resnet101", "resnet50"): 0.39,
          ("resnet152", "resnet18"): 0.52, ("resnet152", "resnet34"): 0.29, ("resnet152", "resnet50"): 0.43,
          ("resnet152", "resnet101"): 0.85}
-
-
-def subset(rec, idx):
-    from arfuse.scoring.records import FIELDS, TokenRecords
-
-    return TokenRecords(*(getattr(rec, f)[idx] for f in FIELDS), meta=rec.meta)
 
 
 def half_masks(files: list[str], labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -60,11 +53,9 @@ def fused_right(full_l, full_s, target, w):
 
 def pair_result(recs, full, names, params, i, j, A, B):
     """Large = model i, small = model j: choose on A, report on B (and the reverse)."""
+    from arfuse.fusion import k_to_w as w
     from arfuse.search import optimal_weight
     from arfuse.search.accuracy import curve_from_intervals, intervals_from_records, paired_bootstrap, three_sets
-
-    def w(k):
-        return 1.0 if math.isinf(k) else k / (1 + k)
 
     target = recs[i].target.astype(np.int64)
     iv = intervals_from_records(recs[i], recs[j])
@@ -173,7 +164,7 @@ def pct(x):
 
 
 def write_markdown(path: Path, singles, results, meta, img_paths):
-    from arfuse.tasks.classification import render_table
+    from arfuse.formatting import render_table
 
     rel = lambda p: Path(p).resolve().relative_to(path.parent.resolve()).as_posix()  # noqa: E731
     L = ["# AR fusion of image classifiers: CIFAR ResNets on CIFAR-10", "",
@@ -292,7 +283,9 @@ def main() -> int:
     ]
     ks = [r["all"]["k_nll"] for r in results]
     rs = [r["r"] for r in results]
-    slope = float(np.polyfit(np.log(rs), np.log(ks), 1)[0])
+    from arfuse.search.law import fit_law
+
+    slope = fit_law(rs, ks)["slope"]
     law_note = (f"AR law check: the NLL optimum k* is {min(ks):.3f}-{max(ks):.3f} for parameter ratios r = "
                 f"{min(rs):.2f}-{max(rs):.2f} (log-log slope {slope:+.3f}): k* does not grow with r in this family. "
                 "The ratios span a small range and the four models differ by only 2 points of top-1; the paper notes "

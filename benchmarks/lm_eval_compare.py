@@ -81,11 +81,11 @@ def main() -> None:
 
     from arfuse.adapters import load_model
     from arfuse.adapters.aliases import resolve_alias
-    from arfuse.adapters.hf import _gguf_converted_dir
+    from arfuse.adapters.hf import gguf_converted_dir  # the float32 folder lm-eval loads
     from arfuse.paths import shared_data_root
 
     load_model("smollm2-135m")  # makes sure the float32 folder exists
-    folder, digest = _gguf_converted_dir(Path(resolve_alias("smollm2-135m")))
+    folder, digest = gguf_converted_dir(Path(resolve_alias("smollm2-135m")))
     data = shared_data_root()
     tmp = Path(tempfile.mkdtemp(prefix="arfuse_lmeval_"))
     specs = {"arfuse_lambada_openai": (LAMBADA, data / "text/lambada/lambada_test.jsonl", args.limit_lambada),

@@ -33,7 +33,7 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _gguf_converted_dir(gguf_path: Path) -> tuple[Path, str]:
+def gguf_converted_dir(gguf_path: Path) -> tuple[Path, str]:
     """Folder caching a GGUF file's dequantised float32 weights and tokenizer, keyed by its SHA-256.
 
     transformers converts GGUF on every load (tens of seconds for the tokenizer alone);
@@ -51,7 +51,7 @@ def load_hf_tokenizer(spec: str):
     if path.suffix == ".gguf":
         if not path.exists():
             raise ArfuseError(f"GGUF file {spec} does not exist: check the path")
-        conv, _ = _gguf_converted_dir(path)
+        conv, _ = gguf_converted_dir(path)
         if (conv / "tokenizer_config.json").exists():
             return AutoTokenizer.from_pretrained(conv)
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -88,7 +88,7 @@ class HFCausalLM(CausalLM):
         if path.suffix == ".gguf":
             if not path.exists():
                 raise ArfuseError(f"GGUF file {spec} does not exist: check the path")
-            conv, digest = _gguf_converted_dir(path)
+            conv, digest = gguf_converted_dir(path)
             identity = {"gguf_sha256": digest}
             kind = "gguf"
             if not (conv / "config.json").exists():
