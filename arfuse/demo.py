@@ -17,7 +17,8 @@ SCORE = ScoreConfig(window=1024, stride=1024, convention="disjoint", bos="never"
 
 def run_demo(*, progress: bool = True, device: str = "cpu"):
     """Train (or reuse) the demo SLM, then evaluate the fusion; returns the EvalReport."""
-    from arfuse.tasks.perplexity import EvalConfig, evaluate
+    from arfuse.tasks.config import EvalConfig
+    from arfuse.tasks.heads import evaluate
     from arfuse.train import ensure_demo_slm
 
     small = ensure_demo_slm(progress=progress)

@@ -11,7 +11,8 @@ from arfuse.fusion import linear
 from arfuse.scoring.scorer import ScoreConfig, score
 from arfuse.data.text import load_dataset
 from arfuse.tasks.metrics import perplexity_metrics
-from arfuse.tasks.perplexity import EvalConfig, evaluate
+from arfuse.tasks.config import EvalConfig
+from arfuse.tasks.heads import evaluate
 
 OPTS = ["--window", "48", "--stride", "16", "--bos", "never", "--topk", "8", "--quiet"]
 CFG = ScoreConfig(window=48, stride=16, bos="never", topk=8)
@@ -100,11 +101,11 @@ def test_bad_weights_are_clear_errors(tiny_models, text_file, capsys, argv, need
     assert needle in capsys.readouterr().err
 
 
-def test_different_vocabularies_name_both_sizes_and_the_union_rule(tiny_models, text_file, capsys):
+def test_different_vocabularies_name_both_sizes_and_the_fix(tiny_models, text_file, capsys):
     assert main(["eval", "--large", tiny_models["large"], "--small", tiny_models["othervocab"], "--data", text_file,
                  *OPTS]) == 2
     err = capsys.readouterr().err
-    assert "320" in err and "300" in err and "union" in err
+    assert "320" in err and "300" in err and "needs one tokenizer" in err
 
 
 def test_empty_file_and_missing_model_are_clear_errors(tiny_models, tmp_path, text_file, capsys):
@@ -208,18 +209,19 @@ def test_cosine_rule_in_eval_matches_a_direct_computation(tiny_models, text_file
     rep = _eval_json(capsys, "--large", tiny_models["large"], "--small", tiny_models["small"], "--data", text_file,
                      "--rule", "cosine", "--power", "2.5")
     rows = {r["kind"]: r for r in rep["rows"]}
-    assert set(rows) == {"large", "small", "uniform", "fused", "cosine"}
+    assert set(rows) == {"large", "small", "uniform", "fused", "rule"}
     direct = math.exp(_direct_cosine_nll(tiny_models, text_file, 2.5))
-    assert rows["cosine"]["metrics"]["token_ppl"] == pytest.approx(direct, rel=1e-5)
-    assert rep["cosine"]["power"] == 2.5 and rep["cosine"]["power_source"] == "given (--power)"
-    assert rep["cosine"]["gain_ci"]["ci_low"] <= rep["cosine"]["gain_ci"]["gain_pct"] <= rep["cosine"]["gain_ci"]["ci_high"]
+    assert rows["rule"]["metrics"]["token_ppl"] == pytest.approx(direct, rel=1e-5)
+    rule = rep["rule"]
+    assert rule["name"] == "cosine" and rule["params"]["power"] == 2.5 and rule["source"] == "given (--power)"
+    assert rule["gain_ci"]["ci_low"] <= rule["gain_ci"]["gain_pct"] <= rule["gain_ci"]["ci_high"]
 
 
 def test_cosine_power_searched_is_the_minimum(tiny_models, text_file, capsys):
     rep = _eval_json(capsys, "--large", tiny_models["large"], "--small", tiny_models["small"], "--data", text_file,
                      "--rule", "cosine")
-    p = rep["cosine"]["power"]
-    assert "NLL-optimal on the test data itself" in rep["cosine"]["power_source"]
+    p = rep["rule"]["params"]["power"]
+    assert "NLL-optimal on the test data itself" in rep["rule"]["source"]
     best = _direct_cosine_nll(tiny_models, text_file, p)
     for q in (p * 0.8, p * 1.25, p + 0.05, max(p - 0.05, 0.0), 0.0):
         assert best <= _direct_cosine_nll(tiny_models, text_file, q) + 1e-9
@@ -228,7 +230,8 @@ def test_cosine_power_searched_is_the_minimum(tiny_models, text_file, capsys):
 def test_cosine_options_need_the_cosine_rule(tiny_models, text_file, capsys):
     assert main(["eval", "--large", tiny_models["large"], "--small", tiny_models["small"], "--data", text_file,
                  "--power", "1", *OPTS]) == 2
-    assert "--power and --embeddings belong to the cosine rule" in capsys.readouterr().err
+    assert "--power is not a parameter of the linear rule" in capsys.readouterr().err
     assert main(["eval", "--large", tiny_models["large"], "--small", tiny_models["small"], "--small",
                  tiny_models["small"], "--data", text_file, "--rule", "cosine", "--power", "1", *OPTS]) == 2
-    assert "one large and one small model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the cosine rule fuses" in err and "3 given" in err

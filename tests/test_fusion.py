@@ -67,3 +67,12 @@ def test_k_and_w():
     assert w_to_k(0.95) == pytest.approx(19.0)
     assert k_to_w(19.0) == pytest.approx(0.95)
     assert w_to_k(1.0) == math.inf and k_to_w(math.inf) == 1.0
+
+
+def test_logprob_average_leaves_out_a_model_of_weight_zero():
+    a, b = _dists(9), _dists(10)
+    a[..., 0] = -math.inf  # a token the first model rules out: 0 * -inf must not reach the sum
+    out = logprob_average([a, b], [0.0, 1.0])
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, b)
+    assert torch.isinf(logprob_average([a, b], [0.5, 0.5])[..., 0]).all()

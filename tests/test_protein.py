@@ -13,7 +13,9 @@ from arfuse.adapters.protein import ESM2_VOCAB, is_protein_model, load_protein_m
 from arfuse.errors import ArfuseError
 from arfuse.data.fasta import MaskConfig, load_protein_dataset, mask_positions, read_fasta
 from arfuse.scoring.masked import masked_inputs, score_masked
-from arfuse.tasks.masked_lm import evaluate_masked_lm, masked_ppl
+from arfuse.tasks.config import EvalConfig
+from arfuse.tasks.heads import evaluate
+from arfuse.tasks.masked_lm import masked_ppl
 
 
 def build_tiny_esm(folder: Path, *, seed: int, layers: int, hidden: int) -> Path:
@@ -130,32 +132,33 @@ def test_specials_are_never_masked_and_long_sequences_are_cropped(esm, uniref):
 
 # ---- perplexity equals a direct transformers computation ----------------------------------------
 def test_masked_perplexity_equals_direct_transformers(esm, uniref, direct):
-    rep = evaluate_masked_lm(esm["large"], esm["small"], uniref, weight=0.8, progress=False)
+    rep = evaluate(EvalConfig(esm["large"], [esm["small"]], uniref, weights=[0.8, 0.2]), progress=False)
     lp_l, ppl_hf_l = direct["large"]
     lp_s, ppl_hf_s = direct["small"]
-    rows = {r.kind: r for r in rep.rows}
+    assert rep.head == "masked"
+    rows = {r.kind: r.metrics for r in rep.rows}
     assert rep.masked_positions == len(lp_l) == 766
     # each model alone: exp(mean CE over masked positions) == transformers' own MLM loss
-    assert rows["large"].ppl == pytest.approx(ppl_hf_l, rel=1e-5)
-    assert rows["small"].ppl == pytest.approx(ppl_hf_s, rel=1e-5)
-    assert rows["large"].ppl == pytest.approx(math.exp(-lp_l.mean()), rel=1e-5)
+    assert rows["large"]["ppl"] == pytest.approx(ppl_hf_l, rel=1e-5)
+    assert rows["small"]["ppl"] == pytest.approx(ppl_hf_s, rel=1e-5)
+    assert rows["large"]["ppl"] == pytest.approx(math.exp(-lp_l.mean()), rel=1e-5)
     # fused per position: log(w p_L + (1 - w) p_S)
     fused = np.log(0.8 * np.exp(lp_l) + 0.2 * np.exp(lp_s))
-    assert rows["fused"].ppl == pytest.approx(math.exp(-fused.mean()), rel=1e-5)
-    assert rows["uniform"].ppl == pytest.approx(math.exp(-np.log(0.5 * np.exp(lp_l) + 0.5 * np.exp(lp_s)).mean()), rel=1e-5)
-    assert 1 < rows["large"].ppl < 1e4 and rows["large"].ppl != pytest.approx(rows["small"].ppl, rel=1e-3)
-    assert "766 masked positions" in rep.table() and rep.to_dict()["weights"] == [0.8, pytest.approx(0.2)]
+    assert rows["fused"]["ppl"] == pytest.approx(math.exp(-fused.mean()), rel=1e-5)
+    assert rows["uniform"]["ppl"] == pytest.approx(math.exp(-np.log(0.5 * np.exp(lp_l) + 0.5 * np.exp(lp_s)).mean()), rel=1e-5)
+    assert 1 < rows["large"]["ppl"] < 1e4 and rows["large"]["ppl"] != pytest.approx(rows["small"]["ppl"], rel=1e-3)
+    assert "766 masked positions" in rep.to_markdown() and rep.to_dict()["weights"] == [0.8, pytest.approx(0.2)]
 
 
 def test_nll_optimal_weight_and_batch_independence(esm, uniref, direct, tmp_path):
     from arfuse.search import optimal_weight
 
-    rep = evaluate_masked_lm(esm["large"], esm["small"], uniref, progress=False)
+    rep = evaluate(EvalConfig(esm["large"], [esm["small"]], uniref), progress=False)
     lp_l, lp_s = direct["large"][0], direct["small"][0]
     o = optimal_weight(lp_l, lp_s)
     assert rep.weights[0] == pytest.approx(o.w, abs=1e-4) and "NLL-optimal on the reported data itself" in rep.weight_source
     fused = {r.kind: r for r in rep.rows}["fused"]
-    assert fused.ppl <= min(r.ppl for r in rep.rows if r.kind != "fused") + 1e-9
+    assert fused.metrics["ppl"] <= min(r.metrics["ppl"] for r in rep.rows if r.kind != "fused") + 1e-9
     # the gain curve is in the same units as the rows, and it peaks at k*
     ks, g = np.asarray(rep.curve["k"]), np.asarray(rep.curve["gain_pct"])
     assert g.max() <= fused.gain_pct + 1e-9 and ks[g.argmax()] == pytest.approx(rep.k_star, rel=0.05)
@@ -165,7 +168,7 @@ def test_nll_optimal_weight_and_batch_independence(esm, uniref, direct, tmp_path
     b = score_masked(model, ds, batch_size=8, use_cache=False, progress=False)
     np.testing.assert_allclose(a.logp, b.logp, atol=1e-5)
     assert Path(rep.plot(str(tmp_path / "g.png"))).read_bytes()[:4] == b"\x89PNG"
-    c = score_masked(model, ds, progress=False)  # from the cache written by evaluate_masked_lm
+    c = score_masked(model, ds, progress=False)  # from the cache written by evaluate
     np.testing.assert_array_equal(c.target, a.target)
 
 
@@ -179,7 +182,7 @@ def test_characters_outside_the_alphabet(esm, tmp_path, seq, match):
     p = tmp_path / "bad.fasta"
     p.write_text(f">ok\nMKVLA\n>bad\n{seq}\n")
     with pytest.raises(ArfuseError, match=match):
-        evaluate_masked_lm(esm["large"], esm["small"], str(p), progress=False)
+        evaluate(EvalConfig(esm["large"], [esm["small"]], str(p)), progress=False)
 
 
 def test_protein_model_names(esm):
@@ -199,8 +202,8 @@ def test_weight_chosen_on_validation_sequences(esm, uniref, tmp_path):
     recs = read_fasta(uniref)
     for name, part in [("valid", recs[:7]), ("test", recs[7:])]:
         (tmp_path / f"{name}.fasta").write_text("".join(f">{r.id}\n{r.sequence}\n" for r in part))
-    rep = evaluate_masked_lm(esm["large"], esm["small"], str(tmp_path / "test.fasta"),
-                             valid=str(tmp_path / "valid.fasta"), progress=False)
+    rep = evaluate(EvalConfig(esm["large"], [esm["small"]], str(tmp_path / "test.fasta"),
+                              valid=str(tmp_path / "valid.fasta")), progress=False)
     vds = load_protein_dataset(str(tmp_path / "valid.fasta"))
     lv = [score_masked(load_protein_model(esm[k]), vds, progress=False).logp for k in ("large", "small")]
     assert rep.weights[0] == pytest.approx(optimal_weight(*lv).w, abs=1e-9)
@@ -210,11 +213,19 @@ def test_weight_chosen_on_validation_sequences(esm, uniref, tmp_path):
 
 def test_law_members_for_an_esm_family(esm, uniref):
     from arfuse.search.law import analyse_family
-    from arfuse.tasks.masked_lm import law_members
+    from arfuse.tasks.law import family_members
 
-    members, info = law_members([esm["small"], esm["large"]], uniref, progress=False)
+    members, info = family_members([esm["small"], esm["large"]], uniref, progress=False)
     assert info["tokens"] == 766 and info["topk"] == 33
     rep = analyse_family(members, info).to_dict()
     (pair,) = rep["pairs"]
     assert pair["llm"] == "esm_large" and pair["acc"]["exact"]
     assert pair["ppl"]["ppl_llm"] == pytest.approx(masked_ppl(members[1].records.logp), rel=1e-9)
+
+
+def test_masked_lms_refuse_the_accuracy_objective_and_token_rules(esm, uniref):
+    with pytest.raises(ArfuseError, match="objective 'accuracy' is for image classifiers"):
+        evaluate(EvalConfig(esm["large"], [esm["small"]], uniref, objective="accuracy"), progress=False)
+    with pytest.raises(ArfuseError, match="the cosine rule is not applied to masked language models"):
+        evaluate(EvalConfig(esm["large"], [esm["small"]], uniref, rule="cosine", rule_params={"power": 1.0}),
+                 progress=False)

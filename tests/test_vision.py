@@ -16,6 +16,8 @@ from arfuse.adapters.vision import (CIFAR10_CLASSES, CifarResNet, CifarResNetCon
 from arfuse.errors import ArfuseError
 from arfuse.scoring.classify import score_images
 from arfuse.data.images import is_image_data, load_image_dataset
+from arfuse.tasks.config import EvalConfig
+from arfuse.tasks.heads import evaluate
 
 TAR = "vision/cifar10-test-jpg.tar"
 
@@ -157,11 +159,10 @@ def test_undecodable_image_is_skipped_counted_and_reported(tmp_path, shared_data
     ds = load_image_dataset(str(root), classes=CIFAR10_CLASSES)
     assert len(ds) == 10 and [f for f, _ in ds.skipped] == ["cat/0099.jpg"]
     assert "cannot identify image file" in ds.skipped[0][1]
-    from arfuse.tasks.classification import evaluate_classification
-
-    rep = evaluate_classification("resnet32", "resnet20", str(root), progress=False, bootstrap=0)
+    rep = evaluate(EvalConfig("resnet32", ["resnet20"], str(root), bootstrap=0), progress=False)
+    assert rep.head == "image"
     assert rep.data["skipped"] == 1 and rep.data["skipped_files"][0].startswith("cat/0099.jpg (")
-    assert "skipped 1 image(s) that do not decode: cat/0099.jpg" in rep.table()
+    assert "skipped 1 image(s) that do not decode: cat/0099.jpg" in rep.to_markdown()
     assert any("do not decode and were skipped" in n for n in rep.notes)
 
 
@@ -210,20 +211,20 @@ def test_fused_accuracy_choose_on_one_half_report_on_the_other(shared_data, tmp_
     """resnet56 + resnet20: the weight is chosen on [:3] per class and reported on [3:6];
     every number of the report is recomputed here from the records by brute force."""
     from arfuse.search.accuracy import brute_force_right
-    from arfuse.tasks.classification import evaluate_classification, full_logprobs
+    from arfuse.tasks.classification import full_logprobs
 
-    rep = evaluate_classification("resnet56", "resnet20", "cifar10-test[3:6]", valid="cifar10-test[:3]",
-                                  progress=False, bootstrap=200)
+    rep = evaluate(EvalConfig("resnet56", ["resnet20"], "cifar10-test[3:6]", valid="cifar10-test[:3]", bootstrap=200),
+                   progress=False)
     assert rep.search == "accuracy" and "accuracy-optimal on the validation data (cifar10-test[:3])" in rep.weight_source
     test = load_image_dataset("cifar10-test[3:6]")
     big = score_images(load_vision_model("resnet56"), test, progress=False)
     small = score_images(load_vision_model("resnet20"), test, progress=False)
     pl, ps = np.exp(full_logprobs(big)), np.exp(full_logprobs(small))
-    rows = {r.kind: r for r in rep.rows}
-    assert rows["large"].right == int((pl.argmax(1) == big.target).sum())
-    assert rows["small"].right == int((ps.argmax(1) == big.target).sum())
-    assert rows["fused"].right == int(brute_force_right(pl, ps, big.target, rep.k).sum())
-    assert rows["uniform"].right == int(brute_force_right(pl, ps, big.target, 1.0).sum())
+    rows = {r.kind: r.metrics for r in rep.rows}
+    assert rows["large"]["right"] == int((pl.argmax(1) == big.target).sum())
+    assert rows["small"]["right"] == int((ps.argmax(1) == big.target).sum())
+    assert rows["fused"]["right"] == int(brute_force_right(pl, ps, big.target, rep.k).sum())
+    assert rows["uniform"]["right"] == int(brute_force_right(pl, ps, big.target, 1.0).sum())
     # the accuracy chosen on the validation half is the maximum of a grid there (exact curve >= any grid)
     val = load_image_dataset("cifar10-test[:3]")
     vb = np.exp(full_logprobs(score_images(load_vision_model("resnet56"), val, progress=False)))
@@ -239,39 +240,42 @@ def test_fused_accuracy_choose_on_one_half_report_on_the_other(shared_data, tmp_
     assert o["accuracy"] == pytest.approx(brute_force_right(pl, ps, big.target, o["k"]).mean())
     sets = rep.sets
     assert sets["S1_llm_wrong_slm_right"]["size"] + sets["S2_llm_right_slm_wrong"]["size"] + sets["S3_agree"]["size"] == 30
-    assert rows["fused"].right - rows["large"].right == sets["flips_wrong_to_right"] - sets["flips_right_to_wrong"]
+    assert rows["fused"]["right"] - rows["large"]["right"] == sets["flips_wrong_to_right"] - sets["flips_right_to_wrong"]
     d = rep.to_dict()
-    assert d["data"]["images"] == 30 and d["valid"]["images"] == 30 and "resnet56" in rep.table()
+    assert d["data"]["images"] == 30 and d["valid"]["images"] == 30 and "resnet56" in rep.to_markdown()
     # the plotted step curve is the exact gain: at the used k it is fused minus large, in points
     edges = np.asarray(rep.curve["edges"])
     seg = int(np.searchsorted(edges[1:-1], rep.k, side="right"))
-    assert rep.curve["gain_pp"][seg] == pytest.approx(100 * (rows["fused"].right - rows["large"].right) / 30)
+    assert rep.curve["gain_pp"][seg] == pytest.approx(100 * (rows["fused"]["right"] - rows["large"]["right"]) / 30)
     png = Path(rep.plot(str(tmp_path / "acc.png")))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_given_weight_one_is_the_large_model_and_overlap_is_refused(shared_data):
-    from arfuse.tasks.classification import evaluate_classification
-
-    rep = evaluate_classification("resnet44", "resnet20", "cifar10-test[:2]", weight=1.0, progress=False, bootstrap=0)
-    rows = {r.kind: r for r in rep.rows}
-    assert rows["fused"].right == rows["large"].right and rows["fused"].nll == pytest.approx(rows["large"].nll)
-    assert math.isinf(rep.k)
+    rep = evaluate(EvalConfig("resnet44", ["resnet20"], "cifar10-test[:2]", weights=[1.0, 0.0], bootstrap=0),
+                   progress=False)
+    rows = {r.kind: r.metrics for r in rep.rows}
+    assert rows["fused"]["right"] == rows["large"]["right"] and rows["fused"]["nll"] == pytest.approx(rows["large"]["nll"])
+    assert math.isinf(rep.k) and rep.search == "given"
     with pytest.raises(ArfuseError, match="in both .* choose the weight on disjoint data"):
-        evaluate_classification("resnet44", "resnet20", "cifar10-test[:2]", valid="cifar10-test[1:3]", progress=False)
+        evaluate(EvalConfig("resnet44", ["resnet20"], "cifar10-test[:2]", valid="cifar10-test[1:3]"), progress=False)
     with pytest.raises(ArfuseError, match="exact accuracy search is for two models"):
-        evaluate_classification("resnet44", ["resnet20", "resnet32"], "cifar10-test[:2]", search="accuracy")
+        EvalConfig("resnet44", ["resnet20", "resnet32"], "cifar10-test[:2]", objective="accuracy")
     with pytest.raises(ArfuseError, match="weight 1.5 is outside"):
-        evaluate_classification("resnet44", "resnet20", "cifar10-test[:2]", weight=1.5)
+        EvalConfig("resnet44", ["resnet20"], "cifar10-test[:2]", weights=[1.5, -0.5])
+    with pytest.raises(ArfuseError, match="the cosine rule is not applied to image classifiers"):
+        evaluate(EvalConfig("resnet44", ["resnet20"], "cifar10-test[:2]", rule="cosine", rule_params={"power": 1.0}))
+    with pytest.raises(ArfuseError, match="different kinds .*resnet44 is an image model.*is a causal model"):
+        evaluate(EvalConfig("resnet44", ["stories260k"], "cifar10-test[:2]"))
 
 
 def test_law_analysis_runs_on_the_resnet_family(shared_data):
     """The members handed to arfuse.search.law: every pair, k* equal to the exact optimum on the records."""
     from arfuse.search import optimal_weight
     from arfuse.search.law import analyse_family
-    from arfuse.tasks.classification import law_members
+    from arfuse.tasks.law import family_members
 
-    members, info = law_members(["resnet20", "resnet32", "resnet56"], "cifar10-test[:3]", progress=False)
+    members, info = family_members(["resnet20", "resnet32", "resnet56"], "cifar10-test[:3]", progress=False)
     assert info["tokens"] == 30 and info["unit"] == "image" and [m.num_parameters for m in members] == [269_722, 464_154, 853_018]
     rep = analyse_family(members, info).to_dict()
     pairs = {(p["llm"], p["slm"]): p for p in rep["pairs"]}

@@ -21,11 +21,6 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     report = demo.run_demo(progress=not args.quiet, device=args.device)
-    print_report(report)
-    if args.plot:
-        from arfuse.search.plot import plot_gain_curve
-
-        plot_gain_curve(report, args.plot)
-        print(f"plot: {args.plot}")
+    print_report(report, plot=args.plot)
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0

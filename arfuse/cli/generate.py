@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from arfuse.cli.common import add_rule_options, rule_params
 from arfuse.errors import ArfuseError
 
 
@@ -21,7 +22,8 @@ def _g(value: str):
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a large model fused with small ones",
-                       description="Greedy or sampled text from P = w p_LLM + (1 - w) p_SLM (or the cosine rule), "
+                       description="Greedy or sampled text from P = w p_LLM + (1 - w) p_SLM (or any registered "
+                                   "fusion rule, --rule), "
                                    "optionally speculative: the small model drafts, the large one verifies, and the "
                                    "output still follows P exactly.")
     p.add_argument("prompt", nargs="+", help="one or more prompts ('-' reads one from standard input)")
@@ -30,8 +32,7 @@ def register(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--weight", type=float, help="the LLM's weight w in [0, 1] (two models)")
     g.add_argument("--weights", help="comma-separated weights, the LLM first, summing to 1 (K models)")
-    p.add_argument("--rule", default="linear", help="linear (the AR mixture, default) or cosine (the paper's B.3 variant)")
-    p.add_argument("--power", type=float, help="the cosine rule's power p >= 0")
+    add_rule_options(p)
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); > 0 samples from the fused P")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling on the fused P (default: 1, off)")
@@ -74,7 +75,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     prompts = [sys.stdin.read() if x == "-" else x for x in args.prompt]
     stream = generate(prompts, large=args.large, small=args.small or None, weight=args.weight, weights=args.weights,
-                      rule=args.rule, power=args.power, max_new_tokens=args.max_new_tokens,
+                      rule=args.rule, rule_params=rule_params(args), max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop,
                       seed=args.seed, speculative=args.speculative, truncate=args.truncate, bos=args.bos,
                       stream=True, device=args.device, dtype=args.dtype, draft=args.draft,

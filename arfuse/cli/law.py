@@ -33,21 +33,8 @@ def run(args) -> int:
     specs = [s.strip() for s in args.family.split(",") if s.strip()]
     if len(specs) < 2:
         raise ArfuseError(f"--family needs at least 2 models separated by commas, got {len(specs)}: {args.family!r}")
-    from arfuse.adapters.protein import is_protein_model
-    from arfuse.adapters.vision import is_vision_model
-
-    common = dict(device=args.device, use_cache=not args.no_cache, progress=not args.quiet)
-    if is_vision_model(specs[0]):  # image classifiers: one record per image, all classes
-        from arfuse.tasks.classification import law_members
-
-        members, data = law_members(specs, args.data, batch_size=max(args.batch_size, 64), **common)
-    elif is_protein_model(specs[0]):  # masked LMs: one record per masked residue
-        from arfuse.tasks.masked_lm import law_members
-
-        members, data = law_members(specs, args.data, batch_size=args.batch_size, **common)
-    else:
-        members, data = family_members(specs, args.data, score_config(args), device=args.device, dtype=args.dtype,
-                                       batch_size=args.batch_size, use_cache=not args.no_cache, progress=not args.quiet)
+    members, data = family_members(specs, args.data, score_config(args), device=args.device, dtype=args.dtype,
+                                   batch_size=args.batch_size, use_cache=not args.no_cache, progress=not args.quiet)
     rep = analyse_family(members, data, mainstay_top=args.mainstay_top)
     rep.data["command"] = "arfuse law --family " + args.family + " --data " + args.data
     paths = write_tables(rep, args.out)

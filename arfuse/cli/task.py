@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from arfuse.cli.common import add_rule_options, rule_params
+
 
 def register(sub) -> None:
     from arfuse.tasks.configs import available
@@ -11,10 +13,14 @@ def register(sub) -> None:
                        description="Score a task's requests once (cached), report the large model alone "
                                    "(lm-evaluation-harness's metric definitions), and, with --small, the fused "
                                    "model at the weight ratio chosen on a validation part, with a bootstrap 95% "
-                                   "interval for its change.")
+                                   "interval for its change. --rule: any registered fusion rule (multiple choice "
+                                   "fuses the answer distributions; LAMBADA the next-token distributions).")
     p.add_argument("task", help=f"a task name ({', '.join(available())}) or a task .toml file")
     p.add_argument("--large", required=True, help="the large model: name, .gguf, llama2.c .bin, folder or hub id")
     p.add_argument("--small", help="the small model to fuse with (multiple choice: any tokenizer; LAMBADA: the same)")
+    p.add_argument("--weight", type=float, help="the LLM's weight w in [0, 1], fixed (default: chosen on the "
+                                                "validation part)")
+    add_rule_options(p)
     p.add_argument("--data", help="the task's data file (default: the shared data folder's copy)")
     p.add_argument("--small-context-words", type=int, metavar="N",
                    help="the small model reads only the last N words of each context (a context ablation; "
@@ -37,14 +43,16 @@ def register(sub) -> None:
 def run(args) -> int:
     from arfuse.errors import ArfuseError
     from arfuse.scoring.scorer import ScoreConfig
-    from arfuse.tasks.perplexity import json_safe
+    from arfuse.formatting import json_safe
     from arfuse.tasks.runner import TaskRunConfig, report_markdown, run_task
 
     if args.limit is not None and args.limit < 1:
         raise ArfuseError(f"--limit must be at least 1, got {args.limit}")
     cfg = TaskRunConfig(task=args.task, large=args.large, small=args.small, data=args.data, limit=args.limit,
-                        valid_split=args.valid_split, small_context_words=args.small_context_words, score=ScoreConfig(bos=args.bos, topk=args.topk),
-                        device=args.device, dtype=args.dtype, batch_size=args.batch_size, use_cache=not args.no_cache)
+                        valid_split=args.valid_split, small_context_words=args.small_context_words,
+                        score=ScoreConfig(bos=args.bos, topk=args.topk), device=args.device, dtype=args.dtype,
+                        batch_size=args.batch_size, use_cache=not args.no_cache, rule=args.rule,
+                        rule_params=rule_params(args), weight=args.weight)
     report = run_task(cfg, progress=not args.quiet)
     if args.json:
         print(json.dumps(json_safe(report), indent=1))

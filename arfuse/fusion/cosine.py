@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from arfuse.errors import ArfuseError
-from arfuse.fusion.registry import Param, Rule
+from arfuse.fusion.registry import Fit, Param, Rule
 
 
 def check_power(power: float) -> float:
@@ -141,9 +141,12 @@ class CosineRule(Rule):
     summary = "P ∝ p_LLM(v) s(v, a)^p with a = argmax p_SLM and s the cosine of token embeddings mapped to [0, 1]"
     min_models = max_models = 2
     weighted = False
+    over_tokens = True      # token embeddings: next-token distributions only
+    argmax_only = (1,)      # the SLM enters through its top token alone
     params = (Param("power", "p >= 0: 0 is the LLM alone, larger p pulls harder towards the SLM's top choice",
-                    low=0.0, high=math.inf),
-              Param("embeddings", "whose token embeddings give the similarity", "large", choices=("large", "small")))
+                    low=0.0, high=math.inf, option="--power"),
+              Param("embeddings", "whose token embeddings give the similarity", "large", choices=("large", "small"),
+                    option="--embeddings"))
 
     def bind(self, models):
         super().bind(models)
@@ -159,6 +162,29 @@ class CosineRule(Rule):
 
     def __call__(self, logps):
         return cosine(logps[0], logps[1], self.unit, self.power)
+
+    @staticmethod
+    def _anchor(x: torch.Tensor) -> torch.Tensor:
+        return x.long() if x.dim() == 1 else x.argmax(-1)
+
+    def target_logprobs(self, logps, targets):
+        """log P(target) in float64 from the LLM's log-probs (n, V) and the SLM's argmax ids (n,)
+        (or its log-probs (n, V)): the normaliser is computed in float64."""
+        return cosine_target_logprobs(logps[0], self._anchor(logps[1]), targets, self.unit,
+                                      [self.power])[:, 0].double()
+
+    def check_fit(self, n_models: int) -> None:
+        pass  # the power is its one parameter without a default, and ``fit`` finds it
+
+    def fit(self, logps, targets, *, chunk: int = 256) -> Fit:
+        """The exact NLL-optimal power (``optimal_power``: Newton on the convex NLL)."""
+        if self.values["power"] is not None:
+            return Fit(self, "given", exact=True)
+        p, _ = optimal_power(logps[0], self._anchor(logps[1]), targets.long(), self.unit, chunk=chunk)
+        return Fit(self.replace(power=p), "exact NLL-optimal power", exact=True)
+
+    def label(self) -> str:
+        return f"AR cosine (p = {self.power:.4g})"
 
     def describe(self) -> str:
         return f"cosine, power {self.power:.4g}"

@@ -12,12 +12,13 @@ code. mergekit registers its merge methods the same way.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from arfuse.errors import ArfuseError, did_you_mean
 
@@ -26,6 +27,7 @@ RULES: dict[str, str] = {
     "linear": "arfuse.fusion.linear:LinearRule",
     "cosine": "arfuse.fusion.cosine:CosineRule",
 }
+_BUILTIN = frozenset(RULES)
 _LOADED: dict[str, type[Rule]] = {}
 
 
@@ -39,6 +41,12 @@ class Param:
     low: float = -math.inf
     high: float = math.inf
     choices: tuple[str, ...] = ()
+    option: str | None = None   # a command-line option of its own (e.g. "--power"); else --param NAME=VALUE
+
+    @property
+    def flag(self) -> str:
+        """How a command line gives it: its own option, or ``--param NAME=VALUE``."""
+        return self.option or f"--param {self.name}=VALUE"
 
     def check(self, value, rule: str):
         if self.choices:
@@ -54,6 +62,14 @@ class Param:
             raise ArfuseError(f"{rule} rule: {self.name} = {value} is outside [{self.low:g}, {self.high:g}] "
                               f"({self.help})")
         return v
+
+
+class Fit(NamedTuple):
+    """A rule with its missing parameters found on data, and how they were found."""
+
+    rule: Rule
+    how: str          # e.g. "exact NLL-optimal power": the search, for the report's source text
+    exact: bool       # the global optimum of a convex objective (not a bounded approximate search)
 
 
 class Rule(ABC):
@@ -72,6 +88,12 @@ class Rule(ABC):
     max_models: ClassVar[int | None] = None
     weighted: ClassVar[bool] = True           # takes one mixture weight per model (the LLM first)
     params: ClassVar[tuple[Param, ...]] = ()
+    # reads what the vocabulary's entries are (token embeddings, token strings): it fuses next-token
+    # distributions only, never distributions over answers or classes
+    over_tokens: ClassVar[bool] = False
+    # models (by index) the rule reads only through their argmax token, which cached records hold
+    # (top-1): scoring a text needs no full-distribution pass of theirs
+    argmax_only: ClassVar[tuple[int, ...]] = ()
 
     def __init__(self, weights: Sequence[float] | None = None, **params):
         unknown = set(params) - {p.name for p in self.params}
@@ -87,19 +109,56 @@ class Rule(ABC):
             raise ArfuseError(f"the {self.name} rule takes no weights ({self.summary})")
         self.weights = None if weights is None else check_weights(weights, len(weights))
 
+    def check_models(self, n: int) -> Rule:
+        """Check the number of models (and of weights) alone: for fusing distributions that are not
+        over tokens (a multiple-choice task's answers), where the tokenizers do not matter."""
+        if n < self.min_models or (self.max_models is not None and n > self.max_models):
+            lo, hi = self.min_models, self.max_models
+            want = ("one large and one small model" if lo == hi == 2 else f"exactly {lo} models" if lo == hi
+                    else f"at least {lo}" + ("" if hi is None else f" and at most {hi}") + " models")
+            raise ArfuseError(f"the {self.name} rule fuses {want}, {n} given")
+        if self.weighted and self.weights is not None and len(self.weights) != n:
+            raise ArfuseError(f"{len(self.weights)} weights given for {n} models: give one weight per model, the LLM first")
+        return self
+
     def bind(self, models: Sequence) -> Rule:
         """Check ``models`` (loaded, the LLM first) against what the rule needs; rules that read
         something of the models (token embeddings) take it here. Returns the rule."""
-        n = len(models)
-        if n < self.min_models or (self.max_models is not None and n > self.max_models):
-            want = (f"exactly {self.min_models}" if self.max_models == self.min_models
-                    else f"at least {self.min_models}" + ("" if self.max_models is None else f" and at most {self.max_models}"))
-            raise ArfuseError(f"the {self.name} rule fuses {want} models, {n} given")
-        if self.weighted and self.weights is not None and len(self.weights) != n:
-            raise ArfuseError(f"{len(self.weights)} weights given for {n} models: give one weight per model, the LLM first")
+        self.check_models(len(models))
         if self.same_vocab:
             check_same_vocab(models, self.name)
         return self
+
+    def replace(self, weights: Sequence[float] | None = None, **params) -> Rule:
+        """A copy with these weights and parameters (checked); whatever ``bind`` took is kept."""
+        unknown = set(params) - {p.name for p in self.params}
+        if unknown:
+            raise ArfuseError(f"the {self.name} rule has no parameter {', '.join(sorted(unknown))}")
+        if weights is not None and not self.weighted:
+            raise ArfuseError(f"the {self.name} rule takes no weights ({self.summary})")
+        new = copy.copy(self)
+        new.values = dict(self.values)
+        for p in self.params:
+            if p.name in params:
+                new.values[p.name] = p.check(params[p.name], self.name)
+        if weights is not None:
+            new.weights = check_weights(weights, len(weights))
+        return new
+
+    def flags(self, names: Sequence[str]) -> str:
+        """How a command line gives these values ("weights" or parameter names): "--weight, --power"."""
+        by_name = {p.name: p.flag for p in self.params}
+        return ", ".join("--weight" if n == "weights" else by_name[n] for n in names)
+
+    def given(self) -> str:
+        """Where the values a search would find came from when none was searched: "given (--power)"."""
+        names = (["weights"] if self.weighted else []) + [p.name for p in self.params if p.default is None]
+        return f"given ({self.flags(names).replace('=VALUE', '')})" if names else "the rule's defaults"
+
+    def settings(self) -> dict:
+        """Its parameters that are set, and its weights (a weighted rule): for a report."""
+        out = {k: v for k, v in self.values.items() if v is not None}
+        return {**out, "weights": self.weights} if self.weighted else out
 
     def missing(self) -> list[str]:
         """Parameters (and the weights) still unset: what a search must find or the user must give."""
@@ -110,12 +169,74 @@ class Rule(ABC):
     def __call__(self, logps: Sequence):
         """Fused log-probs from the models' log-probs (the LLM first)."""
 
+    def target_logprobs(self, logps: Sequence, targets):
+        """log P(target) of the fused model, float64 (n,): ``logps`` are the models' log-prob tensors
+        (n, V), the LLM first (for a model in ``argmax_only``: its argmax ids (n,)), ``targets`` (n,)."""
+        fused = self(logps)
+        return fused.gather(-1, targets.long()[:, None])[:, 0].double()
+
+    def check_fit(self, n_models: int) -> None:
+        """Fail now, before any data is read, when ``fit`` cannot find what is missing."""
+        missing = self.missing()
+        if missing and (missing != ["weights"] or n_models != 2):
+            what = [m for m in missing if m != "weights"]
+            raise ArfuseError(f"the {self.name} rule needs {', '.join(what) or 'weights'}: give "
+                              + (self.flags(what) if what else "one weight per model (--weights), the LLM first")
+                              + "; arfuse searches only the weight w of two models")
+
+    def fit(self, logps: Sequence, targets, *, chunk: int = 256) -> Fit:
+        """The rule with its missing parameters set to minimise the mean NLL of ``targets`` (inputs as
+        for ``target_logprobs``). The generic search finds the weight w of two models (w, 1 - w):
+        a golden-section search on [0, 1] (to 1e-6), kept only if it beats both ends; rules with a
+        search of their own (an exact one) override this."""
+        if not self.missing():
+            return Fit(self, "given", exact=True)
+        self.check_fit(len(logps))
+
+        def nll(w: float) -> float:
+            r = self.replace(weights=[w, 1.0 - w])
+            return -sum(float(r.target_logprobs([x[i:i + chunk] for x in logps], targets[i:i + chunk]).sum())
+                        for i in range(0, len(targets), chunk))
+
+        w = golden_section(nll, 0.0, 1.0, tol=1e-6)
+        best = min((nll(x), x) for x in (w, 0.0, 1.0))[1]
+        return Fit(self.replace(weights=[best, 1.0 - best]),
+                   "NLL-optimal w (golden-section search on [0, 1], to 1e-6)", exact=False)
+
+    def label(self) -> str:
+        """A short name for a report's row, e.g. "product rule (w = 0.8123)"."""
+        parts = []
+        if self.weights is not None:
+            parts.append(f"w = {self.weights[0]:.4g}" if len(self.weights) == 2
+                         else "weights " + ", ".join(f"{w:.3g}" for w in self.weights))
+        parts += [f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.values.items()
+                  if v is not None]
+        return f"{self.name} rule" + (f" ({', '.join(parts)})" if parts else "")
+
     def describe(self) -> str:
         parts = [self.name]
         if self.weights is not None:
             parts.append("weights " + ", ".join(f"{w:.4g}" for w in self.weights) + " (LLM first)")
         parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.values.items() if v is not None]
         return ", ".join(parts)
+
+
+def golden_section(f: Callable[[float], float], lo: float, hi: float, *, tol: float = 1e-6) -> float:
+    """The minimiser of ``f`` on [lo, hi] to ``tol`` (exact for a unimodal ``f``, e.g. a convex NLL)."""
+    g = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = lo, hi
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > tol:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(d)
+    return (a + b) / 2.0
 
 
 def check_weights(weights: Sequence[float], n_models: int) -> list[float]:
@@ -166,6 +287,14 @@ def register_rule(cls: type[Rule]) -> type[Rule]:
     _LOADED[cls.name] = cls
     RULES.setdefault(cls.name, f"{cls.__module__}:{cls.__qualname__}")
     return cls
+
+
+def unregister_rule(name: str) -> None:
+    """Forget a rule registered with ``register_rule`` (tests, plugins); built-in rules stay."""
+    cls = _LOADED.get(name)
+    if cls is not None and RULES.get(name) == f"{cls.__module__}:{cls.__qualname__}" and name not in _BUILTIN:
+        del RULES[name]
+        del _LOADED[name]
 
 
 def available_rules() -> list[str]:

@@ -52,8 +52,9 @@ def build_rule(models: Sequence[CausalLM], *, rule: str = "linear", weight: floa
     fuse = make_rule(rule, ws, **given).bind(models)
     missing = [m for m in fuse.missing() if m != "weights"]
     if missing:
-        helps = {p.name: p.help for p in cls.params}
-        raise ArfuseError(f"the {rule} rule needs " + "; ".join(f"its {m} (--{m}: {helps[m]})" for m in missing))
+        ps = {p.name: p for p in cls.params}
+        raise ArfuseError(f"the {rule} rule needs "
+                          + "; ".join(f"its {m} ({ps[m].flag}: {ps[m].help})" for m in missing))
     return fuse
 
 

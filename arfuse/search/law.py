@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from arfuse.errors import ArfuseError
-from arfuse.formatting import json_safe
+from arfuse.formatting import fmt_k, json_safe
 from arfuse.search.accuracy import curve_from_intervals, intervals_from_records, three_sets
 from arfuse.search.weights import gain_curve, improvement_domain, mixture_nll, optimal_weight
 
@@ -193,15 +193,8 @@ def table_rows(rep: LawReport) -> list[dict]:
 
 
 def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if math.isinf(v):
-            return "inf"
-        if math.isnan(v):
-            return "-"
-        return f"{v:.4g}"
-    return str(v)
+    """A table cell: numbers as the one k formatter writes them, None as "-", anything else as text."""
+    return fmt_k(v) if v is None or isinstance(v, float) else str(v)
 
 
 def to_markdown(rep: LawReport) -> str:

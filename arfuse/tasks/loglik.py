@@ -9,9 +9,11 @@ after the context's own token count.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 from arfuse.adapters.base import CausalLM
 from arfuse.errors import ArfuseError
@@ -90,3 +92,25 @@ def score_continuations(model: CausalLM, pairs: list[tuple[str, str]], cfg: Scor
         raise ArfuseError(f"{name}: request {bad}'s continuation {pairs[bad][1]!r} merges into its context's last "
                           f"token under {model.info.name}'s tokenizer: it has no token of its own to score")
     return Continuations(sub, req, len(pairs))
+
+
+@torch.no_grad()
+def continuation_distributions(model: CausalLM, pairs: list[tuple[str, str]], conts: Continuations, cfg: ScoreConfig,
+                               idx: Iterable[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(i, logp (n_i, V) float32, targets (n_i,))`` at request i's continuation tokens, for each i
+    of ``idx``: one forward per request over its whole text (the last max_length tokens of a
+    longer one), checked against the cached records ``conts`` of the same model."""
+    bos = model.uses_bos(cfg.bos)
+    order = np.argsort(conts.request, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(conts.n_tokens())])
+    for i in idx:
+        c, x = split_pair(*pairs[i])
+        ids = ([model.bos_id] if bos else []) + list(model.encode(c + x).ids)
+        tgt = conts.records.target[order[starts[i]:starts[i + 1]]]
+        n = len(tgt)
+        if n == 0 or not np.array_equal(np.asarray(ids[len(ids) - n:]), tgt):
+            raise ArfuseError(f"{model.info.name}: request {i}'s continuation does not line up with the cached "
+                              "records; rescore with --no-cache")
+        ctx = ids[:-1] if model.info.max_length is None else ids[:-1][-model.info.max_length:]
+        logits = model.forward_logits_tail(torch.as_tensor(ctx)[None].to(model.device), n)[0]  # (n, V)
+        yield i, torch.log_softmax(logits.float(), dim=-1).cpu(), torch.as_tensor(tgt).long()

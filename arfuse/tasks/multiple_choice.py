@@ -10,7 +10,9 @@ Fusion is over answers, the paper's classifier view (Appendix A): each model's
 distribution over the options is the softmax of ll (for acc) or of ll / length (for
 acc_norm), and the fused model picks argmax_c k p_L(c) + p_S(c). That is exact at every
 k through the exchange thresholds (``arfuse.search.accuracy``), and needs no shared
-tokenizer: any two models that can score text can be fused this way.
+tokenizer: any two models that can score text can be fused this way. Any other registered
+rule that does not read the tokens themselves applies to the same answer distributions
+(``fuse_answers``).
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from arfuse.errors import ArfuseError
+from arfuse.fusion.registry import Rule
+
+W_GRID = np.linspace(0.0, 1.0, 1001)  # the w a rule without an exact accuracy curve is tried at
 
 
 @dataclass
@@ -158,6 +163,13 @@ class MCScores:
         e = np.exp(s)
         return e / e.sum(axis=1, keepdims=True)
 
+    def logprobs(self, norm: bool) -> np.ndarray:
+        """The log of ``probs`` (-inf at padding), computed without underflow."""
+        s = np.where(self.valid, self.scores(norm), -np.inf)
+        s = s - s.max(axis=1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            return s - np.log(np.exp(s).sum(axis=1, keepdims=True))
+
     def subset(self, idx) -> "MCScores":
         return MCScores(self.ll[idx], self.length[idx], self.valid[idx], self.gold[idx])
 
@@ -181,3 +193,40 @@ def mc_scores(examples: list[MCExample], loglik: np.ndarray) -> MCScores:
 
 def requests(examples: list[MCExample]) -> list[tuple[str, str]]:
     return [(e.context, o) for e in examples for o in e.options]
+
+
+# ---- any registered rule over the answers ---------------------------------------------------
+def fuse_answers(rule: Rule, logps: list[np.ndarray], valid: np.ndarray) -> np.ndarray:
+    """The fused log-distribution over each question's options (N, C), -inf at padding.
+
+    ``logps``: each model's log-probs over the options (N, C), the LLM first. Questions with the
+    same number of options go to the rule together, so no padding ever reaches it.
+    """
+    import torch
+
+    out = np.full(valid.shape, -np.inf)
+    n_opt = valid.sum(axis=1)
+    for c in np.unique(n_opt):
+        rows = np.flatnonzero(n_opt == c)  # mc_scores fills each row's options from the left
+        fused = rule([torch.as_tensor(np.ascontiguousarray(x[rows, :c]), dtype=torch.float64) for x in logps])
+        out[rows, :c] = fused.numpy() if isinstance(fused, torch.Tensor) else np.asarray(fused)
+    return out
+
+
+def rule_right(rule: Rule, scores: list[MCScores], norm: bool) -> np.ndarray:
+    """Per question: the fused model's pick under ``rule`` is the gold option (ties: the first)."""
+    fused = fuse_answers(rule, [s.logprobs(norm) for s in scores], scores[0].valid)
+    return np.where(scores[0].valid, fused, -np.inf).argmax(axis=1) == scores[0].gold
+
+
+def choose_weight(rule: Rule, scores: list[MCScores], norm: bool, valid: np.ndarray) -> tuple[Rule, str]:
+    """The weight w of two models with the most right answers on the questions ``valid``, over
+    ``W_GRID`` (ties: the largest w, nearest the LLM, as the linear rule's exact curve chooses)."""
+    best, best_w = -1, 1.0
+    for w in W_GRID:
+        n_right = int(rule_right(rule.replace(weights=[w, 1.0 - w]), scores, norm)[valid].sum())
+        if n_right >= best:
+            best, best_w = n_right, float(w)
+    how = (f"the most accurate w on the validation part, on a grid of {len(W_GRID)} points in [0, 1] (ties: the "
+           "largest w); not an exact curve")
+    return rule.replace(weights=[best_w, 1.0 - best_w]), how

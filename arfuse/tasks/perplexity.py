@@ -1,80 +1,25 @@
-"""Perplexity evaluation of a large model fused with smaller ones, on cached records."""
-from __future__ import annotations
+"""The causal-LM head: perplexity of a large model fused with smaller ones, on cached records.
 
-import math
-from dataclasses import asdict, dataclass, field
+Each model scores the text once (cached); everything else runs on the per-token records: each
+model alone, the uniform average, the fused model at the given or the NLL-optimal weights (exact
+for two models, EM on the simplex for K), the gain's block-bootstrap interval, and for two models
+the improvement domain and the gain curve on the reported data. A non-linear rule adds its own
+row (``arfuse.tasks.rule_eval``)."""
+from __future__ import annotations
 
 import numpy as np
 
-from arfuse.errors import ArfuseError
-from arfuse.fusion import check_weights, linear, uniform, w_to_k
-from arfuse.scoring.records import TokenRecords
-from arfuse.scoring.scorer import ScoreConfig, score
-from arfuse.search import gain_curve, improvement_domain, optimal_weight, optimal_weights_em
 from arfuse.data.text import load_dataset
+from arfuse.errors import ArfuseError
+from arfuse.formatting import fmt_k, json_safe  # noqa: F401  (json_safe: the old import path of cli/task.py)
+from arfuse.fusion import check_same_vocab, linear, uniform, w_to_k
+from arfuse.fusion.registry import cross_tokenizer_hint
+from arfuse.scoring.records import TokenRecords
+from arfuse.scoring.scorer import score
+from arfuse.tasks.choose import add_domain_and_curve, nll_weights
+from arfuse.tasks.config import EvalConfig
 from arfuse.tasks.metrics import bootstrap_ppl_gain, perplexity_metrics
-
-
-@dataclass
-class EvalConfig:
-    large: str
-    smalls: list[str]
-    data: str
-    valid: str | None = None
-    weights: list[float] | None = None     # one per model, the LLM first; None -> search
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    device: str = "cpu"
-    dtype: str = "float32"
-    batch_size: int = 4
-    use_cache: bool = True
-
-
-@dataclass
-class Row:
-    name: str
-    kind: str            # "large", "small", "uniform", "fused"
-    metrics: dict
-    gain_pct: float      # token-perplexity gain over the LLM, in %
-    weights: list[float] | None = None
-
-
-@dataclass
-class EvalReport:
-    config: dict
-    models: list[dict]
-    data: dict
-    valid: dict | None
-    windowing: str
-    bos: list[bool]
-    weights: list[float]
-    k: float | None
-    weight_source: str
-    param_ratio: list[float]
-    rows: list[Row]
-    domain_w: tuple[float, float] | None = None
-    domain_k: tuple[float, float] | None = None
-    k_star: float | None = None
-    optimum_iterations: int | None = None
-    curve: dict | None = None
-    gain_ci: dict | None = None      # block-bootstrap interval of the fused row's gain (arfuse.tasks.metrics)
-    cosine: dict | None = None       # --rule cosine: its power, where it came from, its gain's interval
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        return json_safe(d)
-
-
-def json_safe(x):
-    if isinstance(x, float):
-        return None if math.isnan(x) else ("inf" if math.isinf(x) else x)
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return json_safe(x.item())
-    return x
+from arfuse.tasks.report import EvalReport, Row, gain_cell, note_lines, rule_lines, table, weight_cells
 
 
 def check_aligned(records: list[TokenRecords], names: list[str]) -> None:
@@ -83,34 +28,17 @@ def check_aligned(records: list[TokenRecords], names: list[str]) -> None:
     for r, n in zip(records[1:], names[1:]):
         if len(r) != len(a) or not np.array_equal(r.target, a.target):
             raise ArfuseError(f"{n} and {names[0]} tokenize the data differently ({len(r):,} vs {len(a):,} scored "
-                              "tokens): linear fusion needs one tokenizer; use the top-k-union rule (--rule union) "
-                              "for models with different tokenizers, or compare them in bits per byte")
+                              f"tokens): linear fusion needs one tokenizer; {cross_tokenizer_hint()}")
 
 
-def check_same_vocab(models) -> None:
-    big = models[0]
-    for m in models[1:]:
-        if m.info.vocab_size != big.info.vocab_size:
-            raise ArfuseError(
-                f"vocabularies differ ({big.info.vocab_size:,} tokens in {big.info.name} vs {m.info.vocab_size:,} in "
-                f"{m.info.name}): use the top-k-union rule (--rule union) for models with different tokenizers")
-        if m.tokenizer_fingerprint() != big.tokenizer_fingerprint():
-            raise ArfuseError(
-                f"{big.info.name} and {m.info.name} have vocabularies of the same size ({m.info.vocab_size:,}) but "
-                "different tokenizers: use the top-k-union rule (--rule union) for models with different tokenizers")
-
-
-def evaluate(cfg: EvalConfig, *, progress: bool = True, curve_points: int = 200) -> EvalReport:
-    """Score every model once (cached), then fuse, search and report on the cached arrays."""
+def _score(cfg: EvalConfig, *, progress: bool):
+    """(models, data, valid, test records, valid records or None): every model scores each data set once (cached)."""
     from arfuse.adapters import load_model
 
-    if cfg.weights is not None:
-        check_weights(cfg.weights, 1 + len(cfg.smalls))
     data = load_dataset(cfg.data)
     valid = load_dataset(cfg.valid) if cfg.valid else None
-    specs = [cfg.large, *cfg.smalls]
-    models = [load_model(s, device=cfg.device, dtype=cfg.dtype) for s in specs]
-    check_same_vocab(models)
+    models = [load_model(s, device=cfg.device, dtype=cfg.dtype) for s in [cfg.large, *cfg.smalls]]
+    check_same_vocab(models, "linear")
     names = [m.info.name for m in models]
 
     def score_all(ds):
@@ -120,29 +48,39 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True, curve_points: int = 200)
         return recs
 
     test_recs = score_all(data)
-    valid_recs = score_all(valid) if valid else None
-    lps = [r.logp.astype(np.float64) for r in test_recs]
-    fit_lps = [r.logp.astype(np.float64) for r in (valid_recs or test_recs)]
-    notes: list[str] = []
-    opt = None
+    return models, data, valid, test_recs, score_all(valid) if valid else None
+
+
+def _choose(cfg: EvalConfig, fit_lps, names, data, valid, notes: list[str]):
+    """(weights, where they came from, the two-model optimum or None) on --valid, else on the test data."""
     if cfg.weights is not None:
-        weights = list(cfg.weights)
-        source = "given (--weight)"
-    elif len(models) == 2:
-        opt = optimal_weight(fit_lps[0], fit_lps[1])
-        weights = [opt.w, 1.0 - opt.w]
+        return list(cfg.weights), "given (--weight)", None
+    ch = nll_weights(fit_lps)
+    if ch.optimum is not None:
         source = (f"NLL-optimal on the validation data ({valid.name})" if valid
                   else f"NLL-optimal on the test data itself ({data.name}): no --valid given, so the gain is optimistic")
-        if opt.at_boundary and opt.w >= 1.0:
+        if ch.optimum.at_boundary and ch.optimum.w >= 1.0:
             notes.append(f"{names[1]} cannot improve {names[0]} on the {'validation' if valid else 'test'} data: "
                          "the optimal weight is w = 1 (the LLM alone)")
-    else:
-        ws, iters, conv = optimal_weights_em(fit_lps)
-        weights = ws.tolist()
-        source = (f"NLL-optimal (EM on the simplex, {iters} iterations) on "
-                  + (f"the validation data ({valid.name})" if valid else f"the test data itself ({data.name}): no --valid given"))
-        if not conv:
-            notes.append("EM did not reach its tolerance: the weights are approximate")
+        return ch.weights, source, ch.optimum
+    source = (f"NLL-optimal (EM on the simplex, {ch.iterations} iterations) on "
+              + (f"the validation data ({valid.name})" if valid else f"the test data itself ({data.name}): no --valid given"))
+    if not ch.converged:
+        notes.append("EM did not reach its tolerance: the weights are approximate")
+    return ch.weights, source, None
+
+
+def evaluate_perplexity(cfg: EvalConfig, *, progress: bool = True) -> EvalReport:
+    """Score every model once (cached), then fuse, search and report on the cached arrays."""
+    if cfg.objective == "accuracy":
+        raise ArfuseError("objective 'accuracy' is for image classifiers: language models are fused at the "
+                          "NLL-optimal (perplexity) weight; drop --objective")
+    models, data, valid, test_recs, valid_recs = _score(cfg, progress=progress)
+    names = [m.info.name for m in models]
+    lps = [r.logp.astype(np.float64) for r in test_recs]
+    notes: list[str] = []
+    weights, source, opt = _choose(cfg, [r.logp.astype(np.float64) for r in (valid_recs or test_recs)], names, data,
+                                   valid, notes)
     rec0 = test_recs[0]
     base = perplexity_metrics(lps[0], rec0.nbytes, rec0.nchars, rec0.nwords)
 
@@ -154,34 +92,62 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True, curve_points: int = 200)
     rows += [row(n, "small", lp) for n, lp in zip(names[1:], lps[1:])]
     rows.append(row("uniform average", "uniform", uniform(lps), [1.0 / len(lps)] * len(lps)))
     rows.append(row("AR fused", "fused", linear(lps, weights), weights))
-    ratio = [models[0].num_parameters / m.num_parameters for m in models[1:]]
     report = EvalReport(
-        config={"large": cfg.large, "smalls": cfg.smalls, "data": cfg.data, "valid": cfg.valid,
-                "score": asdict(cfg.score), "device": cfg.device, "dtype": cfg.dtype},
+        head="causal", config=cfg.to_dict(),
         models=[{"name": m.info.name, "spec": s, "kind": m.info.kind, "num_parameters": m.num_parameters,
-                 "vocab_size": m.info.vocab_size, "identity": m.info.identity} for m, s in zip(models, specs)],
+                 "vocab_size": m.info.vocab_size, "identity": m.info.identity}
+                for m, s in zip(models, [cfg.large, *cfg.smalls])],
         data={"name": data.name, "source": data.source, "chars": data.n_chars, "documents": len(data.documents),
               "sha256": data.content_hash, "scored": rec0.totals},
         valid=({"name": valid.name, "source": valid.source, "chars": valid.n_chars, "sha256": valid.content_hash,
                 "scored": valid_recs[0].totals} if valid else None),
         windowing=cfg.score.describe(), bos=[bool(r.meta["bos"]) for r in test_recs],
-        weights=weights, k=w_to_k(weights[0]) if len(weights) == 2 else None,
-        weight_source=source, param_ratio=ratio, rows=rows, notes=notes,
+        weights=weights, k=w_to_k(weights[0]) if len(weights) == 2 else None, weight_source=source,
+        search="given" if cfg.weights is not None else "nll",
+        param_ratio=[models[0].num_parameters / m.num_parameters for m in models[1:]], rows=rows,
+        gain_of="token perplexity", notes=notes,
         gain_ci=bootstrap_ppl_gain(lps[0], linear(lps, weights), block=cfg.score.window))
-    if len(models) == 2:
-        # the improvement domain and the gain curve are properties of the reported (test) data
-        opt_test = optimal_weight(lps[0], lps[1])
-        dom = improvement_domain(lps[0], lps[1], opt_test)
-        report.k_star = opt_test.k
-        report.optimum_iterations = opt_test.iterations
+    if len(models) == 2:  # the improvement domain and the gain curve are properties of the reported (test) data
+        add_domain_and_curve(report, lps[0], lps[1], points=cfg.curve_points, data_name=data.name)
         if opt is not None:
             report.optimum_iterations = opt.iterations
-        if dom is not None:
-            report.domain_w = dom
-            report.domain_k = (w_to_k(dom[0]), math.inf)
-            k_lo = max(w_to_k(dom[0]) / 4, 1e-3)
-            k_hi = max(opt_test.k * 8, k_lo * 100) if math.isfinite(opt_test.k) else k_lo * 1000
-            ks = np.geomspace(k_lo, k_hi, curve_points)
-            report.curve = {"k": ks.tolist(), "gain_pct": gain_curve(lps[0], lps[1], ks).tolist(),
-                            "k_star_test": opt_test.k, "data": data.name}
+    if cfg.rule != "linear":
+        from arfuse.tasks.rule_eval import add_rule_row
+
+        add_rule_row(report, cfg, progress=progress)
     return report
+
+
+evaluate = evaluate_perplexity  # the old name (tests/test_train.py, benchmarks/): arfuse.tasks.heads.evaluate serves every head
+
+
+def describe(report: EvalReport) -> str:
+    """The causal-LM report as text."""
+    data = report.data
+    lines = [(f"{data['name']} ({data['scored']['tokens']:,} tokens scored, {data['chars']:,} characters; "
+              f"{data['source']})"),
+             f"{report.windowing}; BOS " + ", ".join(f"{'on' if b else 'off'} for {m['name']}"
+                                                    for b, m in zip(report.bos, report.models))]
+
+    def cells(r: Row, n_params: int | None) -> list[str]:
+        m = r.metrics
+        return ["" if n_params is None else f"{n_params / 1e6:.2f}M", f"{m['token_ppl']:.4f}", f"{m['word_ppl']:.4f}",
+                f"{m['bits_per_byte']:.4f}", gain_cell(r, "+.3f"), *weight_cells(r.weights, k_for_any=True)]
+
+    lines.append(table(report, ["model", "params", "token PPL", "word PPL", "bits/byte", "gain %", "w", "k"], cells))
+    ratio = ", ".join(f"{x:.1f}" for x in report.param_ratio)
+    lines.append(f"weights: {', '.join(f'{w:.6f}' for w in report.weights)} (LLM first); k = {fmt_k(report.k)}; "
+                 f"parameter ratio r = {ratio}")
+    lines.append(f"weight source: {report.weight_source}")
+    if report.gain_ci:
+        ci = report.gain_ci
+        lines.append(f"AR fused vs {report.models[0]['name']}: {ci['gain_pct']:+.3f}% token perplexity, "
+                     f"{100 * ci['level']:.0f}% interval [{ci['ci_low']:+.3f}, {ci['ci_high']:+.3f}]% "
+                     f"(paired bootstrap over {ci['blocks']:,} blocks of {ci['block_tokens']:,} tokens)")
+    lines += rule_lines(report)
+    if report.domain_k:
+        lines.append(f"improvement domain on {data['name']}: k > {report.domain_k[0]:.4g} "
+                     f"(w > {report.domain_w[0]:.6f}); k* = {fmt_k(report.k_star)} there")
+    elif len(report.models) == 2:
+        lines.append(f"improvement domain on {data['name']}: empty (no weight makes the fused model beat the LLM)")
+    return "\n".join(lines + note_lines(report))

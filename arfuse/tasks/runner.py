@@ -2,18 +2,24 @@
 
 The weight ratio k is chosen on a validation part of the examples (exactly, from the
 accuracy curve) and the fused model is reported on the disjoint rest, with a paired
-bootstrap 95% interval for its change over the large model alone.
+bootstrap 95% interval for its change over the large model alone. Any other registered rule
+(``--rule``): multiple choice fuses the answer distributions and takes the most accurate w on
+a grid of the validation part; LAMBADA fuses full next-token distributions at the target
+tokens, its parameters NLL-optimal on the validation part (``arfuse.tasks.lambada``).
 """
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from arfuse.errors import ArfuseError
+from arfuse.formatting import fmt_k
+from arfuse.fusion.linear import LinearRule, w_to_k
+from arfuse.fusion.registry import Rule, available_rules, get_rule, make_rule, resolve_weights
 from arfuse.scoring.scorer import ScoreConfig
 from arfuse.search.accuracy import (
     Intervals, combine_groups, curve_from_intervals, intervals_from_probs, intervals_from_records, paired_bootstrap,
@@ -44,6 +50,9 @@ class TaskRunConfig:
     n_boot: int = 10000
     seed: int = 0
     small_context_words: int | None = None  # the small model reads only the last N words of each context
+    rule: str = "linear"            # any registered fusion rule (arfuse.fusion.available_rules())
+    rule_params: dict = field(default_factory=dict)
+    weight: float | None = None     # the LLM's weight w, fixed (None: chosen on the validation part)
 
 
 def resolve_data(task: TaskConfig, data: str | None) -> Path:
@@ -89,57 +98,126 @@ def parse_split(spec: str, n: int) -> tuple[np.ndarray, np.ndarray, str]:
     return valid, test, f"examples {a}..{b - 1} choose k ({len(valid)}); the other {len(test)} are reported"
 
 
-def _fused_accuracy(iv: Intervals, valid: np.ndarray, test: np.ndarray, n_boot: int, seed: int) -> dict:
-    """Choose k on the validation part (accuracy-optimal, exact), report on the test part."""
+def _fused_accuracy(iv: Intervals, valid: np.ndarray, test: np.ndarray, n_boot: int, seed: int,
+                    w: float | None = None) -> dict:
+    """Choose k on the validation part (accuracy-optimal, exact), or take the given ``w``; report
+    on the test part."""
     cv = curve_from_intervals(iv.subset(valid))
-    best = cv.best()
+    if w is None:
+        best = cv.best()
+        k, fixed = best.k, {"k_range_valid": list(best.k_range), "w": best.k / (1 + best.k)}
+        acc_valid = best.accuracy
+    else:
+        k = w_to_k(w)
+        fixed = {"w": w, "chosen_on": "given (--weight)"}
+        acc_valid = cv.accuracy_at(k)
     tiv = iv.subset(test)
     ct = curve_from_intervals(tiv)
-    fused = tiv.right_at(best.k)
+    fused = tiv.right_at(k)
     boot = paired_bootstrap(fused, tiv.llm_right, n_boot=n_boot, seed=seed)
     tb = ct.best()
     return {
-        "k": best.k, "k_range_valid": list(best.k_range), "w": best.k / (1 + best.k),
-        "valid": {"n": len(valid), "acc_llm": cv.acc_llm, "acc_fused": best.accuracy, "exact": cv.exact},
+        "k": k, **fixed,
+        "valid": {"n": len(valid), "acc_llm": cv.acc_llm, "acc_fused": acc_valid, "exact": cv.exact},
         "test": {"n": len(test), "acc_llm": ct.acc_llm, "acc_slm": ct.acc_slm, "acc_fused": float(fused.mean()),
-                 "undetermined": int((tiv.possibly_right_at(best.k) & ~fused).sum()), **boot},
+                 "undetermined": int((tiv.possibly_right_at(k) & ~fused).sum()), **boot},
         "test_oracle": {"k_star": tb.k, "k_range": list(tb.k_range), "acc": tb.accuracy, "gain": tb.gain,
                         "domain": ct.domain(), "exact": ct.exact, "n_thresholds": int(len(ct.thresholds))},
-        "three_sets_test": three_sets(tiv, best.k),
+        "three_sets_test": three_sets(tiv, k),
     }
 
 
 def run_task(cfg: TaskRunConfig, *, progress: bool = True) -> dict:
+    """Score the task's requests once per model (cached), report each model alone and, with a small
+    model, the fused one under ``cfg.rule`` on the test part."""
     from arfuse.adapters import load_model
-    from arfuse.tasks import lambada, multiple_choice as mc
-    from arfuse.tasks.loglik import score_continuations
 
     task = load_task(cfg.task)
     path = resolve_data(task, cfg.data)
-    if task.kind == "lambada":
-        examples = lambada.read_lambada(path, cfg.limit)
-        reqs = lambada.requests(examples)
-        prompt = PROMPTS["lambada"]
-    else:
-        examples = (mc.read_arc(path, task.prompt, task.choice, cfg.limit) if task.format == "arc"
-                    else mc.read_cbt(path, cfg.limit))
-        reqs = mc.requests(examples)
-        prompt = PROMPTS[task.format]
-    n = len(examples)
+    examples, reqs, prompt = _read_task(task, path, cfg.limit)
     specs = [cfg.large] + ([cfg.small] if cfg.small else [])
+    rule = _task_rule(cfg, task, len(specs))  # checked before any model loads
     models = [load_model(s, device=cfg.device, dtype=cfg.dtype) for s in specs]
-    if task.kind == "lambada" and len(models) == 2:
-        from arfuse.tasks.perplexity import check_same_vocab
+    if rule is not None and task.kind == "lambada":
+        rule.bind(models)  # token-level fusion: one vocabulary (and whatever the rule reads of the models)
+    all_reqs = _requests_per_model(cfg, reqs, len(models))
+    from arfuse.tasks.loglik import score_continuations
 
-        check_same_vocab(models)  # token-level argmax needs one vocabulary
-    all_reqs = [reqs, reqs]
+    conts = [score_continuations(m, rq, cfg.score, name=f"{task.name}", batch_size=cfg.batch_size,
+                                 use_cache=cfg.use_cache, progress=progress) for m, rq in zip(models, all_reqs)]
+    report = _report_head(cfg, task, path, prompt, specs, models, conts, len(examples))
+    per_model = _alone(report, task, examples, models, conts)
+    if cfg.small_context_words is not None and len(models) == 2:
+        label = f"{models[1].info.name} (last {cfg.small_context_words} words of context)"
+        report["alone"][1]["name"] = label
+        report["models"][1]["name"] = label
+    if rule is None:
+        return report
+    report["param_ratio"] = models[0].num_parameters / models[1].num_parameters
+    valid, test, split_desc = parse_split(cfg.valid_split, len(examples))
+    report["split"] = split_desc
+    if isinstance(rule, LinearRule):
+        _fuse_linear(report, task, conts, per_model, valid, test, cfg)
+    elif task.kind == "lambada":
+        _fuse_rule_lambada(report, rule, models, all_reqs, conts, per_model, valid, test, cfg, progress)
+    else:
+        for norm, key in ((False, "acc"), (True, "acc_norm")):
+            report["fused"][key] = _rule_accuracy_mc(rule, per_model, norm, valid, test, cfg)
+        chosen = report["fused"]["acc"]["chosen_on"]
+        report["rule"] = _rule_info(rule, chosen + ("; acc and acc_norm each choose their own w" if rule.missing()
+                                                    else ""))
+    return report
+
+
+def _read_task(task: TaskConfig, path: Path, limit: int | None):
+    """The task's examples, its (context, continuation) requests and the prompt format's description."""
+    from arfuse.tasks import lambada, multiple_choice as mc
+
+    if task.kind == "lambada":
+        examples = lambada.read_lambada(path, limit)
+        return examples, lambada.requests(examples), PROMPTS["lambada"]
+    examples = (mc.read_arc(path, task.prompt, task.choice, limit) if task.format == "arc"
+                else mc.read_cbt(path, limit))
+    return examples, mc.requests(examples), PROMPTS[task.format]
+
+
+def _task_rule(cfg: TaskRunConfig, task: TaskConfig, n_models: int) -> Rule | None:
+    """``cfg.rule`` with its parameters and weight checked (None without a small model)."""
+    cls = get_rule(cfg.rule)  # an unknown name fails with the choices, with or without --small
+    if n_models == 1:
+        if cfg.weight is not None:
+            raise ArfuseError("--weight fuses the large model with a small one: give --small as well")
+        return None
+    if cfg.weight is not None and not cls.weighted:
+        raise ArfuseError(f"the {cls.name} rule takes no weight ({cls.summary}): drop --weight")
+    if task.kind != "lambada" and cls.over_tokens:
+        others = [n for n in available_rules() if not get_rule(n).over_tokens]
+        raise ArfuseError(f"the {cls.name} rule reads the tokens themselves ({cls.summary}): it fuses next-token "
+                          f"distributions, not the answers of a multiple-choice task; use one of {', '.join(others)}")
+    if task.kind == "lambada" and not cls.same_vocab:
+        raise ArfuseError(f"the {cls.name} rule fuses models with different tokenizers; LAMBADA's fused argmax is "
+                          "token by token, over one vocabulary: fuse models that share a tokenizer")
+    ws = resolve_weights(cfg.weight, None, n_models) if cls.weighted else None
+    params = {k: v for k, v in cfg.rule_params.items() if v is not None}
+    rule = make_rule(cfg.rule, ws, **params).check_models(n_models)
+    if task.kind == "lambada":
+        rule.check_fit(n_models)  # what its search cannot find fails before any scoring
+    elif [m for m in rule.missing() if m != "weights"]:
+        raise _missing_error(rule)
+    return rule
+
+
+def _requests_per_model(cfg: TaskRunConfig, reqs: list, n_models: int) -> list[list]:
+    all_reqs = [reqs] * max(n_models, 2)
     if cfg.small_context_words is not None:
         if cfg.small_context_words < 1:
             raise ArfuseError(f"--small-context-words must be at least 1, got {cfg.small_context_words}")
         all_reqs[1] = [(_last_words(c, cfg.small_context_words), x) for c, x in reqs]
-    conts = [score_continuations(m, rq, cfg.score, name=f"{task.name}", batch_size=cfg.batch_size,
-                                 use_cache=cfg.use_cache, progress=progress) for m, rq in zip(models, all_reqs)]
-    report: dict = {
+    return all_reqs
+
+
+def _report_head(cfg: TaskRunConfig, task: TaskConfig, path: Path, prompt: str, specs, models, conts, n: int) -> dict:
+    return {
         "task": task.name, "description": task.description, "config_file": task.source, "data": str(path),
         "n_examples": n, "limit": cfg.limit, "prompt_format": prompt,
         "scoring": {"bos": [bool(c.records.meta["bos"]) for c in conts], "topk": cfg.score.topk,
@@ -150,9 +228,16 @@ def run_task(cfg: TaskRunConfig, *, progress: bool = True) -> dict:
         "run_config": {"large": cfg.large, "small": cfg.small, "valid_split": cfg.valid_split, "topk": cfg.score.topk,
                        "limit": cfg.limit, "bos": cfg.score.bos},
     }
-    if task.kind == "lambada":
-        per_model = []
-        for m, c in zip(models, conts):
+
+
+def _alone(report: dict, task: TaskConfig, examples, models, conts) -> list:
+    """Each model alone into ``report``; returns per model (loglik, right) for LAMBADA, MCScores otherwise."""
+    from arfuse.tasks import lambada, multiple_choice as mc
+
+    n = len(examples)
+    per_model = []
+    for m, c in zip(models, conts):
+        if task.kind == "lambada":
             top1 = c.records.topk_ids[:, 0] == c.records.target
             right = np.ones(n, bool)
             np.logical_and.at(right, c.request, top1)
@@ -161,34 +246,81 @@ def run_task(cfg: TaskRunConfig, *, progress: bool = True) -> dict:
             report["per_example"].append({"acc": right.astype(int).tolist(), "loglik": ll.tolist()})
             report["alone"].append({"name": m.info.name, **lambada.word_metrics(ll, right),
                                     "target_tokens": int(c.n_tokens().sum())})
-    else:
-        per_model = []
-        for m, c in zip(models, conts):
+        else:
             s = mc.mc_scores(examples, c.loglik())
             per_model.append(s)
             report["per_example"].append({"acc": s.right(False).astype(int).tolist(),
                                           "acc_norm": s.right(True).astype(int).tolist()})
             report["alone"].append({"name": m.info.name, "acc": float(s.right(False).mean()),
                                     "acc_norm": float(s.right(True).mean()), "n": n})
-    if cfg.small_context_words is not None and len(models) == 2:
-        label = f"{models[1].info.name} (last {cfg.small_context_words} words of context)"
-        report["alone"][1]["name"] = label
-        report["models"][1]["name"] = label
-    if len(models) == 1:
-        return report
-    report["param_ratio"] = models[0].num_parameters / models[1].num_parameters
-    valid, test, split_desc = parse_split(cfg.valid_split, n)
-    report["split"] = split_desc
+    return per_model
+
+
+def _fuse_linear(report: dict, task: TaskConfig, conts, per_model, valid, test, cfg: TaskRunConfig) -> None:
+    """The AR mixture: exact accuracy curves (k chosen on the validation part, or --weight)."""
     if task.kind == "lambada":
         iv = combine_groups(intervals_from_records(conts[0].records, conts[1].records), conts[0].request)
-        report["fused"]["acc"] = _fused_accuracy(iv, valid, test, cfg.n_boot, cfg.seed)
-        report["fused"]["perplexity"] = _fused_perplexity(conts, valid, test)
+        report["fused"]["acc"] = _fused_accuracy(iv, valid, test, cfg.n_boot, cfg.seed, cfg.weight)
+        report["fused"]["perplexity"] = _fused_perplexity(conts, valid, test, cfg.weight)
     else:
         for norm, key in ((False, "acc"), (True, "acc_norm")):
             sl, ss = per_model
             iv = intervals_from_probs(sl.probs(norm), ss.probs(norm), sl.gold, valid=sl.valid)
-            report["fused"][key] = _fused_accuracy(iv, valid, test, cfg.n_boot, cfg.seed)
-    return report
+            report["fused"][key] = _fused_accuracy(iv, valid, test, cfg.n_boot, cfg.seed, cfg.weight)
+
+
+def _missing_error(rule: Rule) -> ArfuseError:
+    missing = [m for m in rule.missing() if m != "weights"]
+    return ArfuseError(f"the {rule.name} rule needs {', '.join(missing)} ({rule.flags(missing)}): on a multiple-"
+                       "choice task arfuse chooses only the weight w, on the validation part")
+
+
+def _rule_accuracy(rule: Rule, chosen: str, fused_test, llm_right, slm_right, valid, test, cfg: TaskRunConfig,
+                   valid_info: dict) -> dict:
+    """The fused model's accuracy on the test part with the paired bootstrap of its change."""
+    boot = paired_bootstrap(fused_test, llm_right[test], n_boot=cfg.n_boot, seed=cfg.seed)
+    w = rule.weights[0] if rule.weights is not None and len(rule.weights) == 2 else None
+    return {"rule": rule.describe(), "w": w, "k": None if w is None else w_to_k(w), "chosen_on": chosen,
+            "valid": {"n": len(valid), **valid_info},
+            "test": {"n": len(test), "acc_llm": float(llm_right[test].mean()), "acc_slm": float(slm_right[test].mean()),
+                     "acc_fused": float(np.mean(fused_test)), **boot}}
+
+
+def _rule_accuracy_mc(rule: Rule, scores, norm: bool, valid, test, cfg: TaskRunConfig) -> dict:
+    """Any rule over the answer distributions (softmax of ll, or of ll / length for acc_norm)."""
+    from arfuse.tasks.multiple_choice import choose_weight, rule_right
+
+    fitted, chosen = (choose_weight(rule, scores, norm, valid) if rule.missing() else (rule, rule.given()))
+    fused = rule_right(fitted, scores, norm)
+    llm, slm = scores[0].right(norm), scores[1].right(norm)
+    return _rule_accuracy(fitted, chosen, fused[test], llm, slm, valid, test, cfg,
+                          {"acc_llm": float(llm[valid].mean()), "acc_fused": float(fused[valid].mean())})
+
+
+def _fuse_rule_lambada(report: dict, rule: Rule, models, all_reqs, conts, per_model, valid, test,
+                       cfg: TaskRunConfig, progress: bool) -> None:
+    """Any rule of one vocabulary at LAMBADA's target tokens: full distributions, one forward per passage."""
+    from arfuse.tasks import lambada
+
+    if rule.missing():
+        fit = lambada.rule_fit(rule, models, all_reqs, conts, cfg.score, valid, progress=progress)
+        rule, chosen = fit.rule, f"{fit.how}, on the validation part's target tokens (acc and perplexity alike)"
+    else:
+        chosen = rule.given()
+    right, ll = lambada.rule_results(rule, models, all_reqs, conts, cfg.score, test, progress=progress)
+    (ll_l, right_l), (ll_s, right_s) = per_model
+    report["fused"]["acc"] = _rule_accuracy(rule, chosen, right, right_l, right_s, valid, test, cfg, {})
+    base, fused = math.exp(-float(ll_l[test].mean())), math.exp(-float(ll.mean()))
+    acc = report["fused"]["acc"]
+    report["fused"]["perplexity"] = {
+        "w": acc["w"], "k": acc["k"], "chosen_on": chosen,
+        "test": {"ppl_llm": base, "ppl_slm": math.exp(-float(ll_s[test].mean())), "ppl_fused": fused,
+                 "gain_pct": 100 * (1 - fused / base)}}
+    report["rule"] = _rule_info(rule, chosen)
+
+
+def _rule_info(rule: Rule, source: str) -> dict:
+    return {"name": rule.name, "describe": rule.describe(), "params": rule.settings(), "source": source}
 
 
 def _last_words(context: str, n: int) -> str:
@@ -198,17 +330,22 @@ def _last_words(context: str, n: int) -> str:
     return tail
 
 
-def _fused_perplexity(conts, valid: np.ndarray, test: np.ndarray) -> dict:
-    """Target perplexity of the token-level fused model at the NLL-optimal weight of the validation part."""
+def _fused_perplexity(conts, valid: np.ndarray, test: np.ndarray, w: float | None = None) -> dict:
+    """Target perplexity of the token-level fused model at the NLL-optimal weight of the validation
+    part (or the given ``w``)."""
     from arfuse.fusion import linear
     from arfuse.search import optimal_weight
 
     lpl = conts[0].records.logp.astype(np.float64)
     lps = conts[1].records.logp.astype(np.float64)
     req = conts[0].request
-    vmask = np.isin(req, valid)
-    opt = optimal_weight(lpl[vmask], lps[vmask])
-    fused = linear([lpl, lps], [opt.w, 1 - opt.w])
+    if w is None:
+        vmask = np.isin(req, valid)
+        opt = optimal_weight(lpl[vmask], lps[vmask])
+        w, k, chosen = opt.w, opt.k, "validation part (NLL-optimal over target tokens)"
+    else:
+        k, chosen = w_to_k(w), "given (--weight)"
+    fused = linear([lpl, lps], [w, 1 - w])
     n_req = conts[0].n_requests
 
     def ppl(lp, idx):
@@ -216,7 +353,7 @@ def _fused_perplexity(conts, valid: np.ndarray, test: np.ndarray) -> dict:
         return math.exp(-float(per.mean()))
 
     base, f = ppl(lpl, test), ppl(fused, test)
-    return {"w": opt.w, "k": opt.k, "chosen_on": "validation part (NLL-optimal over target tokens)",
+    return {"w": w, "k": k, "chosen_on": chosen,
             "test": {"ppl_llm": base, "ppl_slm": ppl(lps, test), "ppl_fused": f, "gain_pct": 100 * (1 - f / base)}}
 
 
@@ -231,28 +368,26 @@ def report_markdown(r: dict) -> str:
     for info, m in zip(r["models"], r["alone"]):
         lines.append(f"| {m['name']} | {info['num_parameters'] / 1e6:.2f}M | " + " | ".join(f"{m[k]:.4f}" for k in metrics) + " |")
     if r["fused"]:
-        lines += ["", f"fused (r = {r['param_ratio']:.1f}); {r['split']}:", "",
-                  "| metric | k (valid) | LLM (test) | fused (test) | change | 95% CI | fixed / broken | k* on test |",
-                  "|---|---:|---:|---:|---:|---|---:|---:|"]
-        for key in ("acc", "acc_norm"):
-            if key in r["fused"]:
-                f = r["fused"][key]
-                t = f["test"]
-                lines.append(f"| {key} | {_fk(f['k'])} | {t['acc_llm']:.4f} | {t['acc_fused']:.4f} | "
-                             f"{100 * t['delta']:+.2f} pt | [{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}] | "
-                             f"{t['fixed']} / {t['broken']} | {_fk(f['test_oracle']['k_star'])} |")
-        if "perplexity" in r["fused"]:
-            p = r["fused"]["perplexity"]
-            lines.append(f"| perplexity | {_fk(p['k'])} | {p['test']['ppl_llm']:.3f} | {p['test']['ppl_fused']:.3f} | "
-                         f"{p['test']['gain_pct']:+.2f} % | | | |")
+        lines += _fused_markdown(r)
     return "\n".join(lines) + "\n"
 
 
-def _fk(k: float) -> str:
-    return "inf" if math.isinf(k) else f"{k:.4g}"
-
-
-def asdict_safe(x):
-    from arfuse.tasks.perplexity import json_safe
-
-    return json_safe(asdict(x) if hasattr(x, "__dataclass_fields__") else x)
+def _fused_markdown(r: dict) -> list[str]:
+    lines = ["", f"fused (r = {r['param_ratio']:.1f}); {r['split']}:", ""]
+    if "rule" in r:
+        lines[-1:] = [f"rule: {r['rule']['describe']}; chosen: {r['rule']['source']}", ""]
+    lines += ["| metric | k (valid) | LLM (test) | fused (test) | change | 95% CI | fixed / broken | k* on test |",
+              "|---|---:|---:|---:|---:|---|---:|---:|"]
+    for key in ("acc", "acc_norm"):
+        if key in r["fused"]:
+            f = r["fused"][key]
+            t = f["test"]
+            k_star = f["test_oracle"]["k_star"] if "test_oracle" in f else None
+            lines.append(f"| {key} | {fmt_k(f['k'])} | {t['acc_llm']:.4f} | {t['acc_fused']:.4f} | "
+                         f"{100 * t['delta']:+.2f} pt | [{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}] | "
+                         f"{t['fixed']} / {t['broken']} | {fmt_k(k_star)} |")
+    if "perplexity" in r["fused"]:
+        p = r["fused"]["perplexity"]
+        lines.append(f"| perplexity | {fmt_k(p['k'])} | {p['test']['ppl_llm']:.3f} | {p['test']['ppl_fused']:.3f} | "
+                     f"{p['test']['gain_pct']:+.2f} % | | | |")
+    return lines
