@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from arfuse.adapters.base import CausalLM, Encoding, ModelInfo, backend_fingerprint, file_sha256, fingerprint_json
+from arfuse.adapters.base import CausalLM, ModelInfo, file_sha256, fingerprint_json
+from arfuse.adapters.hf import HFTokenizerMethods, resolve_device
 from arfuse.adapters.rnn import RNNLM, RNNConfig, RNNStepState, rnn_step
 from arfuse.errors import ArfuseError
 
@@ -32,14 +33,12 @@ def load(path: str, device: str = "cpu") -> CausalLM:
                       "incomplete; rerun its `arfuse train` command to write it again")
 
 
-class ArfuseRNNLM(CausalLM):
+class ArfuseRNNLM(HFTokenizerMethods, CausalLM):
     """An LSTM or GRU LM trained by arfuse; reads any window from a zero state."""
 
     def __init__(self, folder: Path, meta: dict, device: str = "cpu"):
         from safetensors.torch import load_file
         from transformers import AutoTokenizer
-
-        from arfuse.adapters.hf import resolve_device
 
         self.device = resolve_device(str(device))
         cfg = RNNConfig(**meta["model"])
@@ -68,21 +67,6 @@ class ArfuseRNNLM(CausalLM):
             vocab_size=cfg.vocab_size, max_length=None,
             identity={"path": str(folder.resolve()), "weights": file_sha256(weights_path), "arch": meta.get("arch"),
                       "config": fingerprint_json(meta["model"])})
-        self._tok_fp: str | None = None
-
-    def encode(self, text: str) -> Encoding:
-        from arfuse.adapters.hf import encoding_from_offsets
-
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return encoding_from_offsets(enc["input_ids"], enc["offset_mapping"], len(text))
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    def tokenizer_fingerprint(self) -> str:
-        if self._tok_fp is None:
-            self._tok_fp = backend_fingerprint(self.tokenizer.backend_tokenizer)
-        return self._tok_fp
 
     @torch.no_grad()
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -74,7 +74,26 @@ class HFStepCache(MaskedKVState):
         self.cache.batch_select_indices(rows.to(self.device))
 
 
-class HFCausalLM(CausalLM):
+class HFTokenizerMethods:
+    """``encode``, ``decode`` and ``tokenizer_fingerprint`` of an adapter whose ``self.tokenizer`` is a
+    fast Hugging Face tokenizer (transformers models, arfuse's RNN checkpoints)."""
+
+    _tok_fp: str | None = None
+
+    def encode(self, text: str) -> Encoding:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return encoding_from_offsets(enc["input_ids"], enc["offset_mapping"], len(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def tokenizer_fingerprint(self) -> str:
+        if self._tok_fp is None:
+            self._tok_fp = backend_fingerprint(self.tokenizer.backend_tokenizer)
+        return self._tok_fp
+
+
+class HFCausalLM(HFTokenizerMethods, CausalLM):
     """A transformers ``AutoModelForCausalLM`` with its fast tokenizer."""
 
     def __init__(self, spec: str, *, device: str = "cpu", dtype: str = "float32", revision: str | None = None,
@@ -147,19 +166,6 @@ class HFCausalLM(CausalLM):
             max_length=max_len,
             identity=identity,
         )
-        self._tok_fp: str | None = None
-
-    def encode(self, text: str) -> Encoding:
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return encoding_from_offsets(enc["input_ids"], enc["offset_mapping"], len(text))
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    def tokenizer_fingerprint(self) -> str:
-        if self._tok_fp is None:
-            self._tok_fp = backend_fingerprint(self.tokenizer.backend_tokenizer)
-        return self._tok_fp
 
     def forward_logits(self, input_ids, attention_mask=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

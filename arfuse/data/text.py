@@ -75,20 +75,28 @@ def _bound(tok: str, n: int, text: str, name: str) -> int:
     return max(0, min(n, v if v >= 0 else n + v))
 
 
+def read_jsonl(path: str | Path):
+    """(``path:line``, object) for every non-blank line of a JSON-lines file; a line that is not
+    JSON fails with its place and the fix."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ArfuseError(f"{where}: not valid JSON ({e.msg}): fix or remove that line") from None
+
+
 def _read_file(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
         docs = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ArfuseError(f"{path}:{lineno}: not valid JSON ({e.msg}): fix or remove that line") from None
-                if not isinstance(obj, dict) or "text" not in obj:
-                    raise ArfuseError(f"{path}:{lineno}: each line needs a \"text\" field")
-                docs.append(obj["text"])
+        for where, obj in read_jsonl(path):
+            if not isinstance(obj, dict) or "text" not in obj:
+                raise ArfuseError(f"{where}: each line needs a \"text\" field")
+            docs.append(obj["text"])
         return docs
     if path.suffix == ".bz2":
         import bz2

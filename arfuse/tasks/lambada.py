@@ -11,7 +11,6 @@ and model (``rule_fit``, ``rule_results``).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from arfuse.data.text import read_jsonl
 from arfuse.errors import ArfuseError
 from arfuse.fusion.registry import Fit, Rule
 from arfuse.progress import token_progress
@@ -35,25 +35,16 @@ class LambadaExample:
 
 def read_lambada(path: str | Path, limit: int | None = None) -> list[LambadaExample]:
     """One JSON object ``{"text": ...}`` a line; a line that is not names itself."""
-    path = Path(path)
     out: list[LambadaExample] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ArfuseError(f"{where}: not valid JSON ({e.msg}): fix or remove that line") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ArfuseError(f"{where}: each line needs a \"text\" field holding the passage")
-            words = obj["text"].split(" ")
-            if len(words) < 2 or not words[-1]:
-                raise ArfuseError(f"{where}: the passage needs a context and a last word separated by a space")
-            out.append(LambadaExample(" ".join(words[:-1]), " " + words[-1], where))
-            if limit is not None and len(out) >= limit:
-                break
+    for where, obj in read_jsonl(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise ArfuseError(f"{where}: each line needs a \"text\" field holding the passage")
+        words = obj["text"].split(" ")
+        if len(words) < 2 or not words[-1]:
+            raise ArfuseError(f"{where}: the passage needs a context and a last word separated by a space")
+        out.append(LambadaExample(" ".join(words[:-1]), " " + words[-1], where))
+        if limit is not None and len(out) >= limit:
+            break
     if not out:
         raise ArfuseError(f"{path} holds no passages")
     return out

@@ -16,13 +16,13 @@ rule that does not read the tokens themselves applies to the same answer distrib
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from arfuse.data.text import read_jsonl
 from arfuse.errors import ArfuseError
 from arfuse.fusion.registry import Rule
 
@@ -43,34 +43,26 @@ class MCExample:
 def read_arc(path: str | Path, prompt: str = "Question: {question}\nAnswer:", choice: str = " {choice}",
              limit: int | None = None) -> list[MCExample]:
     """ARC-V1 jsonl: {"id", "question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}."""
-    path = Path(path)
     out: list[MCExample] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ArfuseError(f"{where}: not valid JSON ({e.msg}): fix or remove that line") from None
-            try:
-                q = obj["question"]
-                stem, choices, key = q["stem"], q["choices"], str(obj["answerKey"])
-                texts = [str(c["text"]) for c in choices]
-                labels = [str(c["label"]) for c in choices]
-            except (KeyError, TypeError) as e:
-                raise ArfuseError(f"{where}: an ARC line needs question.stem, question.choices[].text/.label and "
-                                  f"answerKey (missing {e})") from None
-            if len(texts) < 2:
-                raise ArfuseError(f"{where}: question {obj.get('id', lineno)!r} has {len(texts)} option: multiple "
-                                  "choice needs at least 2")
-            if key not in labels:
-                raise ArfuseError(f"{where}: answerKey {key!r} is not one of the labels {labels}")
-            out.append(MCExample(str(obj.get("id", lineno)), prompt.format(question=stem),
-                                 [choice.format(choice=t) for t in texts], texts, labels.index(key), where))
-            if limit is not None and len(out) >= limit:
-                break
+    for where, obj in read_jsonl(path):
+        lineno = int(where.rsplit(":", 1)[1])
+        try:
+            q = obj["question"]
+            stem, choices, key = q["stem"], q["choices"], str(obj["answerKey"])
+            texts = [str(c["text"]) for c in choices]
+            labels = [str(c["label"]) for c in choices]
+        except (KeyError, TypeError) as e:
+            raise ArfuseError(f"{where}: an ARC line needs question.stem, question.choices[].text/.label and "
+                              f"answerKey (missing {e})") from None
+        if len(texts) < 2:
+            raise ArfuseError(f"{where}: question {obj.get('id', lineno)!r} has {len(texts)} option: multiple "
+                              "choice needs at least 2")
+        if key not in labels:
+            raise ArfuseError(f"{where}: answerKey {key!r} is not one of the labels {labels}")
+        out.append(MCExample(str(obj.get("id", lineno)), prompt.format(question=stem),
+                             [choice.format(choice=t) for t in texts], texts, labels.index(key), where))
+        if limit is not None and len(out) >= limit:
+            break
     if not out:
         raise ArfuseError(f"{path} holds no questions")
     return out
