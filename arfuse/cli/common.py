@@ -31,24 +31,38 @@ def score_config(args):
     return ScoreConfig(window=args.window, stride=args.stride, convention=args.convention, bos=args.bos, topk=args.topk)
 
 
+def _rule_options() -> dict[str, list]:
+    """Every option a registered rule's parameter has (e.g. the cosine rule's --power), with the
+    (rule, Param) pairs that take it."""
+    from arfuse.fusion.registry import available_rules, get_rule
+
+    out: dict[str, list] = {}
+    for name in available_rules():
+        for prm in get_rule(name).params:
+            if prm.option:
+                out.setdefault(prm.option, []).append((name, prm))
+    return out
+
+
 def add_rule_options(p: argparse.ArgumentParser, *, default: str = "linear") -> None:
-    """--rule (any registered fusion rule) and its parameters: --power/--embeddings for the cosine
-    rule, --param NAME=VALUE for any rule's parameter."""
-    from arfuse.fusion.registry import available_rules
+    """--rule (any registered fusion rule), the options of the rules' parameters that have one
+    (the cosine rule's --power and --embeddings), and --param NAME=VALUE for any parameter."""
+    from arfuse.fusion.registry import available_rules, get_rule
 
     rules = available_rules()
     p.add_argument("--rule", default=default, metavar="RULE",
-                   help=f"fusion rule: {', '.join(rules)} (default: {default}); the cosine rule is the paper's B.3 "
-                        "variant, P ∝ p_LLM s(v, argmax p_SLM)^p")
-    p.add_argument("--power", type=float, help="--rule cosine: its power p >= 0")
-    p.add_argument("--embeddings", choices=["large", "small"], help="--rule cosine: whose token embeddings give the "
-                   "similarity (default: large)")
+                   help=f"fusion rule (default: {default}): " + "; ".join(f"{n}: {get_rule(n).summary}" for n in rules))
+    for option, owners in _rule_options().items():
+        prm = owners[0][1]
+        p.add_argument(option, dest=prm.name, type=None if prm.choices else float, choices=prm.choices or None,
+                       help=" / ".join(f"--rule {r}" for r, _ in owners) + f": {prm.help}"
+                       + (f" (default: {prm.default})" if prm.default is not None else ""))
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="a parameter of the chosen rule (repeat for several)")
 
 
 def rule_params(args) -> dict:
-    """The rule's parameters from --power, --embeddings and --param NAME=VALUE (numbers where they parse)."""
+    """The chosen rule's parameters from their own options and --param NAME=VALUE (numbers where they parse)."""
     from arfuse.errors import ArfuseError
     from arfuse.fusion.registry import get_rule
 
@@ -61,13 +75,16 @@ def rule_params(args) -> dict:
             params[name.strip()] = float(value)
         except ValueError:
             params[name.strip()] = value.strip()
-    for name in ("power", "embeddings"):
+    given_by_option = {}
+    for option, owners in _rule_options().items():
+        name = owners[0][1].name
         if getattr(args, name, None) is not None:
             params[name] = getattr(args, name)
+            given_by_option[name] = option
     known = {p.name for p in get_rule(args.rule).params}
     unknown = sorted(set(params) - known)
     if unknown:
-        raise ArfuseError(f"{', '.join('--' + n if n in ('power', 'embeddings') else n for n in unknown)} "
+        raise ArfuseError(f"{', '.join(given_by_option.get(n, n) for n in unknown)} "
                           f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} of the {args.rule} "
                           f"rule (its parameters: {', '.join(sorted(known)) or 'none'})")
     return params
