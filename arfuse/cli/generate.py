@@ -42,12 +42,11 @@ def register(sub) -> None:
     p.add_argument("--speculative", type=_g, metavar="G", nargs="?", const="auto",
                    help="draft G tokens per large-model pass (who drafts: --draft); without G (or 'auto') G is "
                         "chosen from the measured acceptance rate and step times; exact for the fused distribution")
-    p.add_argument("--draft", choices=["auto", "hybrid", "slm", "lookup"], default="auto",
-                   help="with --speculative, who drafts: 'hybrid', per prompt the text's own copy (tokens that "
-                        "followed an earlier occurrence of its last tokens) where such copies have been accepted "
-                        "at least as often as the small model's drafts, the small model otherwise; 'slm', the "
-                        "small model always; 'lookup', copies only (no model step; every model then scores them "
-                        "in one pass); 'auto' (default), hybrid with a small model, lookup without one")
+    from arfuse.generation.drafters import DRAFTERS
+
+    p.add_argument("--draft", choices=["auto", *DRAFTERS], default="auto",
+                   help="with --speculative, who drafts: " + "; ".join(f"'{n}', {d.summary}" for n, d in DRAFTERS.items())
+                        + "; 'auto' (default), hybrid with a small model, lookup without one")
     p.add_argument("--draft-head", choices=["candidates", "full"], default="candidates",
                    help="while the small model drafts, score a candidate set of likely tokens and run its whole output "
                         "layer once per cycle (candidates, default; faster), or the whole layer every step (full); "

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from arfuse.errors import ArfuseError
 
 TRUNCATE = ("error", "left")
-DRAFTS = ("auto", "slm", "lookup", "hybrid")
 DRAFT_HEADS = ("candidates", "full")
 
 
@@ -66,11 +65,12 @@ class GenerationConfig:
                 raise ArfuseError(f"speculative g = {sp!r} must be an integer >= 1 (tokens the small model drafts "
                                   "per large-model pass), 'auto' to choose it from the measured acceptance rate, "
                                   "or None for plain fused decoding")
-        if self.draft not in DRAFTS:
-            raise ArfuseError(f"draft {self.draft!r}: use 'slm' (the small model drafts), 'lookup' (drafts copied "
-                              "from the text so far; every model verifies them in one pass), 'hybrid' (per row, "
-                              "the text's copy where copies have done at least as well as the small model, the "
-                              "small model otherwise) or 'auto' (hybrid, or lookup without a small model)")
+        from arfuse.generation.drafters import DRAFTERS  # they import this module
+
+        if self.draft != "auto" and self.draft not in DRAFTERS:
+            raise ArfuseError(f"draft {self.draft!r}: use " + ", ".join(f"{n!r} ({d.summary})"
+                                                                         for n, d in DRAFTERS.items())
+                              + " or 'auto' (hybrid, or lookup without a small model)")
         if self.draft_head not in DRAFT_HEADS:
             raise ArfuseError(f"draft_head {self.draft_head!r}: use 'candidates' (the drafting SLM scores a candidate "
                               "set per step, its whole head once per cycle) or 'full' (its whole head every step)")

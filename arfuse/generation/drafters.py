@@ -42,7 +42,11 @@ class Drafter:
     """The interface: ``propose`` before a cycle, ``observe`` after it."""
 
     name = ""
+    summary = ""         # one line for --help and error messages
     uses_slm = False     # drafts with the first small model (its draft head may be restricted)
+
+    def __init__(self, cfg: GenerationConfig):
+        self.cfg = cfg
 
     def propose(self, rows: Sequence[Row], cap: int) -> Plan:
         """The plan of the next cycle for the active ``rows``; copies at most ``cap`` tokens long."""
@@ -57,6 +61,7 @@ class SLMDrafter(Drafter):
     """The first small model drafts every row, step by step."""
 
     name, uses_slm = "slm", True
+    summary = "the small model drafts"
 
     def propose(self, rows: Sequence[Row], cap: int) -> Plan:
         return Plan("slm")
@@ -75,6 +80,7 @@ class LookupDrafter(Drafter):
     decoding); every model, the SLM too, scores them in one pass."""
 
     name = "lookup"
+    summary = "drafts copied from the text so far; every model verifies them in one pass"
 
     def propose(self, rows: Sequence[Row], cap: int) -> Plan:
         found, seconds = _copies(rows, cap)
@@ -87,9 +93,11 @@ class HybridDrafter(Drafter):
     SLM. A cycle where every row copies is a lookup cycle (one pass of every model)."""
 
     name, uses_slm = "hybrid", True
+    summary = ("per prompt, the text's copy where copies have done at least as well as the small model, the "
+               "small model otherwise")
 
     def __init__(self, cfg: GenerationConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.sources: dict[int, DraftSources] = {}   # prompt index -> its record
         self._found: list[tuple[list[int], int]] = []
 
@@ -125,8 +133,10 @@ class HybridDrafter(Drafter):
                 record.update(n, copy_of(b, copy[0]))
 
 
+# who drafts, by name: a new drafter is one class with propose/observe and one line here
+DRAFTERS: dict[str, type[Drafter]] = {"hybrid": HybridDrafter, "slm": SLMDrafter, "lookup": LookupDrafter}
+
+
 def make_drafter(name: str, cfg: GenerationConfig) -> Drafter:
-    """The drafter called ``name`` ("slm", "lookup" or "hybrid"; the config has checked it)."""
-    if name == "hybrid":
-        return HybridDrafter(cfg)
-    return {"slm": SLMDrafter, "lookup": LookupDrafter}[name]()
+    """The drafter called ``name`` (a key of ``DRAFTERS``; the config has checked it)."""
+    return DRAFTERS[name](cfg)
