@@ -5,7 +5,7 @@ are imported on first use, so ``import arfuse`` stays cheap and imports no layer
 """
 
 from arfuse.version import __version__
-__all__ = ["generate", "__version__"]
+__all__ = ["generate", "evaluate", "EvalConfig", "__version__"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from arfuse.generation import generate
 
         return generate
+    if name in ("evaluate", "EvalConfig"):
+        import arfuse.tasks
+
+        return getattr(arfuse.tasks, name)
     raise AttributeError(f"module 'arfuse' has no attribute {name!r}")

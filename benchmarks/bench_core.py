@@ -79,7 +79,7 @@ def main() -> int:
     from arfuse.scoring.scorer import ScoreConfig, score
     from arfuse.search import improvement_domain, optimal_weight
     from arfuse.data.text import load_dataset
-    from arfuse.tasks.perplexity import EvalConfig, evaluate
+    from arfuse.tasks import EvalConfig, evaluate
 
     small = _small_spec(args.small)
     data = f"{args.data}[{args.offset}:{args.offset + args.chars}]"

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from arfuse.scoring.scorer import ScoreConfig
-    from arfuse.tasks.perplexity import EvalConfig, evaluate
+    from arfuse.tasks import EvalConfig, evaluate
 
     slms = []
     for item in args.slm or DEFAULT_SLMS:

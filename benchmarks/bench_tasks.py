@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
 
-    from arfuse.tasks.perplexity import json_safe
+    from arfuse.formatting import json_safe
     from arfuse.tasks.runner import TaskRunConfig, report_markdown, run_task
 
     runs = [("lambada", args.lambada_small, args.limit_lambada), ("arc_easy", args.arc_small, args.limit_arc_easy),

@@ -7,6 +7,7 @@ import pytest
 
 from arfuse.errors import ArfuseError
 from arfuse.tasks.config import EvalConfig
+from arfuse.adapters.registry import BACKENDS, Backend, register_backend
 from arfuse.tasks.heads import HEADS, evaluate, head_for
 from arfuse.tasks.report import EvalReport, Row, weight_cells
 
@@ -63,15 +64,20 @@ def _report(**kw) -> EvalReport:
 def test_a_new_head_is_one_module_and_one_line(tmp_path, monkeypatch):
     """evaluate() dispatches through HEADS; the report's text comes from the head's describe()."""
     fake = types.ModuleType("fake_head")
-    fake.evaluate_fake = lambda cfg, *, progress=True: _report(data={"name": cfg.data})
+    fake.KIND = "fake models"
+    fake.evaluate = lambda cfg, *, progress=True: _report(data={"name": cfg.data})
     fake.describe = lambda report: f"fake report on {report.data['name']}"
     monkeypatch.setitem(sys.modules, "fake_head", fake)
-    monkeypatch.setitem(HEADS, "causal", "fake_head:evaluate_fake")
-    monkeypatch.setitem(HEADS, "fake", "fake_head:evaluate_fake")
-    llama2c = tmp_path / "m.bin"
-    llama2c.write_bytes(b"")
-    rep = evaluate(EvalConfig(str(llama2c), [str(llama2c)], "some data"), progress=False)
-    assert rep.to_markdown() == "fake report on some data"
+    monkeypatch.setitem(HEADS, "fake", "fake_head")  # the one line
+    # a backend whose models have that head (adapters.registry: one line too)
+    register_backend(Backend("fake", "fake", lambda spec: spec.endswith(".fake"), lambda spec, **kw: None))
+    try:
+        rep = evaluate(EvalConfig("a.fake", ["b.fake"], "some data"), progress=False)
+        assert rep.to_markdown() == "fake report on some data"
+        with pytest.raises(ArfuseError, match=r"different kinds \(a.fake is a fake model, stories260k is a causal"):
+            evaluate(EvalConfig("a.fake", ["stories260k"], "some data"), progress=False)
+    finally:
+        BACKENDS[:] = [b for b in BACKENDS if b.name != "fake"]
 
 
 def test_one_report_type_json_and_plot(tmp_path):

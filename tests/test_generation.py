@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import arfuse
 from arfuse.adapters import load_model
 from arfuse.errors import ArfuseError
 from arfuse.fusion import linear

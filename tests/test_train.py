@@ -145,7 +145,7 @@ def test_checkpoint_scores_as_the_trainer_validated(texts, tmp_path, shared_data
 
 
 def test_fused_eval_with_trained_models(texts, tmp_path):
-    from arfuse.tasks.perplexity import EvalConfig, evaluate
+    from arfuse.tasks import EvalConfig, evaluate
     from arfuse.scoring.scorer import ScoreConfig
 
     big = train(tiny(texts, tmp_path / "big", embed_size=32, max_steps=30, eval_every=30), progress=False, log=quiet)

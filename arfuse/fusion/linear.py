@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from arfuse.errors import ArfuseError
-from arfuse.fusion.registry import Param, Rule, check_weights  # noqa: F401  (check_weights: re-exported)
+from arfuse.fusion.registry import Rule, check_weights
 
 Array = np.ndarray | torch.Tensor
 

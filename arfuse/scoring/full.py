@@ -5,17 +5,16 @@ sums over the whole vocabulary with a weight that is not the SLM's probability (
 Z = sum_v p_LLM(v) s(v, a)^p; any rule other than the linear mixture) needs full distributions at
 every position; they are too big to cache (V floats per token), so this pass recomputes them with
 exactly the scorer's windows, one window at a time: ``full_windows`` yields them (several models'
-streams zip window by window), ``full_logprob_pass`` hands them to a reducer.
+streams zip window by window).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from arfuse.adapters.base import CausalLM
-from arfuse.progress import token_progress
 from arfuse.scoring.scorer import ScoreConfig, prepare_docs
 from arfuse.scoring.windows import plan_windows
 from arfuse.data.text import Dataset
@@ -46,20 +45,3 @@ class FullWindows:
 def full_windows(model: CausalLM, dataset: Dataset, cfg: ScoreConfig) -> FullWindows:
     """The full-distribution windows of ``model`` on ``dataset`` (run when iterated)."""
     return FullWindows(model, dataset, cfg)
-
-
-def full_logprob_pass(model: CausalLM, dataset: Dataset, cfg: ScoreConfig,
-                      reduce: Callable[[torch.Tensor, torch.Tensor], None], *, progress: bool = True) -> int:
-    """Call ``reduce(logp (n, V) float32, targets (n,))`` for every window, in record order.
-
-    Returns the number of targets passed, the same as ``score(model, dataset, cfg)`` holds.
-    """
-    windows = full_windows(model, dataset, cfg)
-    n = 0
-    with token_progress(f"full distributions of {model.info.name} on {dataset.name}", windows.n_targets,
-                        enabled=progress) as advance:
-        for lp, tgt in windows:
-            reduce(lp, tgt)
-            n += len(tgt)
-            advance(len(tgt))
-    return n

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from arfuse.errors import ArfuseError
-from arfuse.formatting import fmt_k, render_table  # noqa: F401  (render_table: the old import path of benchmarks/)
+from arfuse.formatting import fmt_k
 from arfuse.fusion import k_to_w, linear, uniform, w_to_k
 from arfuse.scoring.records import TokenRecords
 from arfuse.search.accuracy import curve_from_intervals, intervals_from_records, paired_bootstrap, three_sets
@@ -24,6 +24,8 @@ from arfuse.tasks.heads import refuse_rule
 from arfuse.tasks.report import EvalReport, Row, gain_cell, note_lines, table, weight_cells
 
 MIN_BATCH = 64  # images are small: at least this many per forward pass (results do not depend on it)
+
+KIND = "image classifiers"
 
 
 def full_logprobs(rec: TokenRecords) -> np.ndarray:
@@ -139,7 +141,7 @@ def _add_two_model_analysis(report: EvalReport, recs, full, preds, fused_pred, t
                             f"but the direct fused argmax {direct}: k lies within rounding of an exchange threshold")
 
 
-def evaluate_classification(cfg: EvalConfig, *, progress: bool = True) -> EvalReport:
+def evaluate(cfg: EvalConfig, *, progress: bool = True) -> EvalReport:
     """Top-1 of ``cfg.large``, each small model, their uniform average and their AR fusion.
 
     The weights: ``cfg.weights`` when given; else found by ``cfg.objective`` on ``cfg.valid``
@@ -220,3 +222,16 @@ def describe(report: EvalReport) -> str:
         lines.append(f"fused minus large: {100 * bs['delta']:+.2f} pp, {100 * bs['level']:.0f}% paired bootstrap "
                      f"interval [{100 * bs['ci_low']:+.2f}, {100 * bs['ci_high']:+.2f}] pp")
     return "\n".join(lines + note_lines(report))
+
+
+def family_members(specs, data_spec, *, device, batch_size, use_cache, progress, **_):
+    """The AR law's members (``arfuse.tasks.law``): one record per image, all classes kept."""
+    from arfuse.search.law import Member
+
+    models, ds, recs = score_family(specs, data_spec, device=device, batch_size=max(batch_size, MIN_BATCH),
+                                    use_cache=use_cache, progress=progress)
+    members = [Member(m.info.name, m.num_parameters, r, s) for s, m, r in zip(specs, models, recs)]
+    info = {"name": ds.name, "source": ds.source, "sha256": ds.content_hash,
+            "windowing": f"one record per image, all {len(ds.classes)} classes kept ({len(ds.skipped)} undecodable skipped)",
+            "tokens": len(ds), "topk": len(ds.classes), "unit": "image", "skipped": len(ds.skipped)}
+    return members, info

@@ -1,25 +1,26 @@
 """The evaluation heads: which code evaluates a model of each kind, found through the backend
 registry (``arfuse.adapters.head_of``), and the one ``evaluate(config)`` over all of them.
 
-A head is one module with ``evaluate_...(cfg, *, progress) -> EvalReport`` and
-``describe(report) -> str`` (the report as text); adding one is that file and one line in ``HEADS``.
+A head is one module with ``KIND`` (what its models are, for messages), ``evaluate(cfg, *, progress)
+-> EvalReport``, ``describe(report) -> str`` (the report as text) and ``family_members(specs, data,
+*, score_cfg, mask, device, dtype, batch_size, use_cache, progress)`` (records for the AR law); adding
+one is that file and one line in ``HEADS`` (and a backend whose ``head`` names it).
 """
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from arfuse.errors import ArfuseError
 from arfuse.tasks.config import EvalConfig
 from arfuse.tasks.report import EvalReport
 
-# head (arfuse.adapters.registry's Backend.head) -> "module:function" that evaluates it
+# head (arfuse.adapters.registry's Backend.head) -> the module that evaluates its models
 HEADS: dict[str, str] = {
-    "causal": "arfuse.tasks.perplexity:evaluate_perplexity",
-    "image": "arfuse.tasks.classification:evaluate_classification",
-    "masked": "arfuse.tasks.masked_lm:evaluate_masked_lm",
+    "causal": "arfuse.tasks.perplexity",
+    "image": "arfuse.tasks.classification",
+    "masked": "arfuse.tasks.masked_lm",
 }
-KINDS = {"causal": "causal language models", "image": "image classifiers", "masked": "masked language models"}
 
 
 def head_for(specs: Sequence[str]) -> str:
@@ -39,24 +40,21 @@ def head_for(specs: Sequence[str]) -> str:
     return head
 
 
-def _head_module(head: str):
-    return importlib.import_module(HEADS[head].partition(":")[0])
-
-
-def head_function(head: str) -> Callable[..., EvalReport]:
-    return getattr(_head_module(head), HEADS[head].partition(":")[2])
+def head_module(head: str):
+    """The module of ``head``: its ``KIND``, ``evaluate``, ``describe`` and ``family_members``."""
+    return importlib.import_module(HEADS[head])
 
 
 def evaluate(cfg: EvalConfig, *, progress: bool = True) -> EvalReport:
     """Score every model once (cached), then fuse, search and report on the cached records, with
     the head the models have (perplexity for causal LMs, accuracy for image classifiers,
     masked-position perplexity for masked LMs)."""
-    return head_function(head_for([cfg.large, *cfg.smalls]))(cfg, progress=progress)
+    return head_module(head_for([cfg.large, *cfg.smalls])).evaluate(cfg, progress=progress)
 
 
 def describe(report: EvalReport) -> str:
     """The report as text, written by its head."""
-    return _head_module(report.head).describe(report)
+    return head_module(report.head).describe(report)
 
 
 def refuse_rule(cfg: EvalConfig, head: str) -> None:
@@ -68,5 +66,5 @@ def refuse_rule(cfg: EvalConfig, head: str) -> None:
     rule = get_rule(cfg.rule)
     why = (" (it reads token embeddings: it fuses next-token distributions of causal LMs only)"
            if getattr(rule, "over_tokens", False) else "")
-    raise ArfuseError(f"the {cfg.rule} rule is not applied to {KINDS[head]}{why}: they are fused with the linear "
+    raise ArfuseError(f"the {cfg.rule} rule is not applied to {head_module(head).KIND}{why}: they are fused with the linear "
                       "rule; drop --rule, or use --rule linear")

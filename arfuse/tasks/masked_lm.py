@@ -27,6 +27,8 @@ from arfuse.tasks.report import EvalReport, Row, gain_cell, note_lines, table, w
 
 LOSS_CAP = 70.0  # a mean cross-entropy above this is reported as infinite perplexity (the paper's rule)
 
+KIND = "masked language models"
+
 
 def masked_ppl(logp: np.ndarray) -> float:
     """exp of the mean cross-entropy over masked positions; inf above the paper's cap of 70."""
@@ -95,7 +97,7 @@ def _rows(names: list[str], recs, lps: list[np.ndarray], weights: list[float], v
     return rows
 
 
-def evaluate_masked_lm(cfg: EvalConfig, *, progress: bool = True) -> EvalReport:
+def evaluate(cfg: EvalConfig, *, progress: bool = True) -> EvalReport:
     """Masked-position perplexity of ``cfg.large``, each small model, their uniform average and
     their AR fusion, at ``cfg.weights`` or the exact NLL optimum on ``cfg.valid`` (or on ``cfg.data``
     itself, said in the report)."""
@@ -149,3 +151,16 @@ def describe(report: EvalReport) -> str:
         dom = f"k > {report.domain_k[0]:.4g}" if report.domain_k else "empty"
         lines.append(f"NLL optimum on the reported data: k* = {fmt_k(report.k_star)}; improvement domain {dom}")
     return "\n".join(lines + note_lines(report))
+
+
+def family_members(specs, data_spec, *, mask: MaskConfig, device, batch_size, use_cache, progress, **_):
+    """The AR law's members (``arfuse.tasks.law``): one record per masked residue, the whole vocabulary
+    kept (exact accuracy curves)."""
+    from arfuse.search.law import Member
+
+    models, ds, recs = score_family(specs, data_spec, mask=mask, device=device, batch_size=batch_size,
+                                    use_cache=use_cache, progress=progress)
+    members = [Member(m.info.name, m.num_parameters, r, s) for s, m, r in zip(specs, models, recs)]
+    info = {"name": ds.name, "source": ds.source, "sha256": ds.content_hash, "windowing": mask.describe(),
+            "tokens": len(recs[0]), "topk": recs[0].topk_ids.shape[1], "unit": "masked residue"}
+    return members, info

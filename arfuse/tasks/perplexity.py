@@ -11,15 +11,17 @@ import numpy as np
 
 from arfuse.data.text import load_dataset
 from arfuse.errors import ArfuseError
-from arfuse.formatting import fmt_k, json_safe  # noqa: F401  (json_safe: the old import path of cli/task.py)
+from arfuse.formatting import fmt_k
 from arfuse.fusion import check_same_vocab, linear, uniform, w_to_k
 from arfuse.fusion.registry import cross_tokenizer_hint
 from arfuse.scoring.records import TokenRecords
-from arfuse.scoring.scorer import score
+from arfuse.scoring.scorer import ScoreConfig, score
 from arfuse.tasks.choose import add_domain_and_curve, nll_weights
 from arfuse.tasks.config import EvalConfig
 from arfuse.tasks.metrics import bootstrap_ppl_gain, perplexity_metrics
 from arfuse.tasks.report import EvalReport, Row, gain_cell, note_lines, rule_lines, table, weight_cells
+
+KIND = "causal language models"
 
 
 def check_aligned(records: list[TokenRecords], names: list[str]) -> None:
@@ -70,7 +72,7 @@ def _choose(cfg: EvalConfig, fit_lps, names, data, valid, notes: list[str]):
     return ch.weights, source, None
 
 
-def evaluate_perplexity(cfg: EvalConfig, *, progress: bool = True) -> EvalReport:
+def evaluate(cfg: EvalConfig, *, progress: bool = True) -> EvalReport:
     """Score every model once (cached), then fuse, search and report on the cached arrays."""
     if cfg.objective == "accuracy":
         raise ArfuseError("objective 'accuracy' is for image classifiers: language models are fused at the "
@@ -118,7 +120,6 @@ def evaluate_perplexity(cfg: EvalConfig, *, progress: bool = True) -> EvalReport
     return report
 
 
-evaluate = evaluate_perplexity  # the old name (tests/test_train.py, benchmarks/): arfuse.tasks.heads.evaluate serves every head
 
 
 def describe(report: EvalReport) -> str:
@@ -151,3 +152,23 @@ def describe(report: EvalReport) -> str:
     elif len(report.models) == 2:
         lines.append(f"improvement domain on {data['name']}: empty (no weight makes the fused model beat the LLM)")
     return "\n".join(lines + note_lines(report))
+
+
+def family_members(specs, data_spec, *, score_cfg: ScoreConfig, device, dtype, batch_size, use_cache, progress,
+                   **_):
+    """The AR law's members (``arfuse.tasks.law``): one record per token; every member needs the same
+    tokenizer."""
+    from arfuse.adapters import load_model
+    from arfuse.search.law import Member
+
+    data = load_dataset(data_spec)
+    models = [load_model(s, device=device, dtype=dtype) for s in specs]
+    check_same_vocab(models, "linear")  # the AR law's pairs fuse token by token
+    members = []
+    for s, m in zip(specs, models):
+        rec = score(m, data, score_cfg, batch_size=batch_size, use_cache=use_cache, progress=progress)
+        members.append(Member(m.info.name if m.info.name not in [x.name for x in members] else s, m.num_parameters,
+                              rec, s))
+    info = {"name": data.name, "source": data.source, "sha256": data.content_hash, "windowing": score_cfg.describe(),
+            "tokens": len(members[0].records), "topk": score_cfg.topk}
+    return members, info

@@ -3,7 +3,6 @@ form and one plot. A field a head has nothing for is None (null in JSON), so eve
 the same keys."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -67,9 +66,6 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         return json_safe(asdict(self))
-
-    def to_json(self, indent: int = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
 
     def to_markdown(self) -> str:
         """The report as text: a header, a Markdown table of every row, then what was chosen and found."""
