@@ -195,8 +195,8 @@ class CausalLM(ABC):
 
     def input_embeddings(self) -> torch.Tensor:
         """The (V, D) token-embedding matrix (the cosine rule's similarities)."""
-        raise ArfuseError(f"{self.info.name} ({self.info.kind}) offers no token embeddings: the cosine rule needs "
-                          "them; use --rule linear")
+        raise ArfuseError(f"{self.info.name} ({self.info.kind}) offers no token embeddings: a fusion rule that "
+                          "reads them (the cosine rule) cannot fuse it; choose another --rule")
 
     def output_layer(self) -> torch.nn.Linear | None:
         """The ``nn.Linear`` that maps the last hidden states to the logits, or None when there is none."""

@@ -74,11 +74,11 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     prompts = [sys.stdin.read() if x == "-" else x for x in args.prompt]
     stream = generate(prompts, large=args.large, small=args.small or None, weight=args.weight, weights=args.weights,
-                      rule=args.rule, rule_params=rule_params(args), max_new_tokens=args.max_new_tokens,
+                      rule=args.rule, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop,
                       seed=args.seed, speculative=args.speculative, truncate=args.truncate, bos=args.bos,
                       stream=True, device=args.device, dtype=args.dtype, draft=args.draft,
-                      draft_head=args.draft_head)
+                      draft_head=args.draft_head, **rule_params(args))
     out = sys.stdout
     if args.json:
         for _ in stream:

@@ -67,15 +67,14 @@ def _load(spec, device: str, dtype: str) -> CausalLM:
 
 
 def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | None = None,
-             weights: Sequence[float] | None = None, rule: str = "linear", power: float | None = None,
-             embeddings: str | None = None, rule_params: dict | None = None, max_new_tokens: int = 128,
-             temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0, stop: str | Sequence[str] | None = None, seed: int = 0,
-             speculative: int | str | None = None, truncate: str = "error", bos: str = "auto", stop_at_eos: bool = True,
-             stream: bool = False, device: str = "cpu", dtype: str = "float32", fast_kernels: bool = True,
-             draft: str = "auto", draft_head: str = "candidates"):
-    """Generate from P = w p_LLM + (1 - w) p_SLM, or from any registered fusion rule (``rule``, its
-    parameters as keywords: ``power``/``embeddings`` for the cosine rule, others in ``rule_params``).
+             weights: Sequence[float] | None = None, rule: str = "linear", max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: str | Sequence[str] | None = None,
+             seed: int = 0, speculative: int | str | None = None, truncate: str = "error", bos: str = "auto",
+             stop_at_eos: bool = True, stream: bool = False, device: str = "cpu", dtype: str = "float32",
+             fast_kernels: bool = True, draft: str = "auto", draft_head: str = "candidates", **rule_params):
+    """Generate from P = w p_LLM + (1 - w) p_SLM, or from any registered fusion rule (``rule``; its
+    parameters as further keywords, e.g. ``rule="cosine", power=1.0``; a name the rule does not
+    have fails with its parameters listed).
 
     ``large``/``small``: model names, paths or loaded ``CausalLM``s (``small`` may be a list).
     ``temperature == 0`` is greedy; ``speculative`` g >= 1 (or "auto") drafts with the first small
@@ -89,7 +88,7 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
     with ``stream=True``. ``fast_kernels=False`` keeps ``F.linear`` for every product on a CPU (the
     few-row products of verification, one-row products where two rows measured faster) and the
     whole product for output layers with repeated rows (a compact-vocabulary SLM from ``arfuse
-    train``) (``arfuse.generation.kernels``). ``draft_head="full"`` lets the drafting
+    train``) (``arfuse.adapters.kernels``). ``draft_head="full"`` lets the drafting
     SLM run its whole output layer at every draft step instead of scoring a candidate set
     (``arfuse.generation.draft_head``); the output is the same.
     """
@@ -100,8 +99,7 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
                            draft_head=draft_head)
     smalls = [] if small is None else ([small] if isinstance(small, (str, CausalLM)) else list(small))
     models = [_load(large, device, dtype)] + [_load(s, device, dtype) for s in smalls]
-    params = {"power": power, "embeddings": embeddings, **(rule_params or {})}
-    fuse = build_rule(models, rule=rule, weight=weight, weights=weights, **params)
+    fuse = build_rule(models, rule=rule, weight=weight, weights=weights, **rule_params)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ArfuseError("no prompts given: pass a string or a list of strings")

@@ -21,7 +21,7 @@ from arfuse.generation.config import GenerationConfig
 from arfuse.generation.cycles import DRAFTER, CycleOut, Cycles, Rule
 from arfuse.generation.draft_head import DraftHead
 from arfuse.generation.draft_length import DraftLength
-from arfuse.generation.drafters import Drafter, Plan, make_drafter
+from arfuse.generation.drafters import DRAFTERS, Drafter, Plan, make_drafter
 from arfuse.generation.results import Chunk, GenerationResult, GenerationStats, Row, commit
 from arfuse.generation.state import ModelState
 
@@ -34,7 +34,8 @@ class Decoder:
     the rule can fuse these models (one tokenizer for a token-level rule)."""
 
     def __init__(self, models: Sequence[CausalLM], rule: Rule, config: GenerationConfig):
-        if config.speculative is not None and config.draft in ("slm", "hybrid") and len(models) < 2:
+        if config.speculative is not None and config.draft in DRAFTERS and DRAFTERS[config.draft].uses_slm \
+                and len(models) < 2:
             raise ArfuseError("speculative decoding needs a small model to draft: give --small, use --draft lookup "
                               "(drafts copied from the text itself), or drop --speculative")
         # the default drafter: hybrid with a small model, copies from the text without one

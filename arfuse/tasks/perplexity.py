@@ -56,7 +56,7 @@ def _score(cfg: EvalConfig, *, progress: bool):
 def _choose(cfg: EvalConfig, fit_lps, names, data, valid, notes: list[str]):
     """(weights, where they came from, the two-model optimum or None) on --valid, else on the test data."""
     if cfg.weights is not None:
-        return list(cfg.weights), "given (--weight)", None
+        return list(cfg.weights), "given (--weight)" if len(cfg.weights) == 2 else "given (--weights)", None
     ch = nll_weights(fit_lps)
     if ch.optimum is not None:
         source = (f"NLL-optimal on the validation data ({valid.name})" if valid
