@@ -26,9 +26,9 @@ IMG = DOCS / "img"
 
 
 def fk(k) -> str:
-    if k is None or k == "inf":
-        return "inf" if k == "inf" else "-"
-    return "inf" if math.isinf(k) else f"{k:.4g}"
+    from arfuse.formatting import fmt_k
+
+    return fmt_k(k)
 
 
 def accuracy_check() -> tuple[str, dict]:
@@ -37,22 +37,22 @@ def accuracy_check() -> tuple[str, dict]:
     from arfuse.scoring.scorer import ScoreConfig, score
     from arfuse.search.accuracy import brute_force_front_right, curve_from_intervals, intervals_from_records, pareto_front
     from arfuse.data.text import load_dataset
+    from arfuse.fusion import w_to_k
+    from arfuse.tasks.classification import full_logprobs
 
     model = load_model("stories260k")
     data = load_dataset("tinyshakespeare[:4000]")
     big = score(model, data, ScoreConfig(window=256, stride=128, topk=512), progress=False)
     small = score(model, data, ScoreConfig(window=8, stride=4, topk=512), batch_size=64, progress=False)
 
-    def dense(rec):
-        p = np.zeros((len(rec), 512))
-        np.put_along_axis(p, rec.topk_ids.astype(np.int64), np.exp(rec.topk_logp.astype(np.float64)), axis=1)
-        return p
+    def dense(rec):  # every token's probability (the records keep all 512)
+        return np.exp(full_logprobs(rec))
 
     t = big.target.astype(np.int64)
     front = pareto_front(dense(big), dense(small))
     curve = curve_from_intervals(intervals_from_records(big, small))
     ws = np.linspace(0, 1, 10001)
-    ks = [math.inf if w == 1 else w / (1 - w) for w in ws]
+    ks = [w_to_k(w) for w in ws]
     mism = sum(curve.right_at(k)[0] != brute_force_front_right(front, t, k).sum() for k in ks)
     best = curve.best()
     grid_best = max(brute_force_front_right(front, t, k).sum() for k in ks)

@@ -1,9 +1,9 @@
 """Matrix products for decoding a few tokens at a time on a CPU, owned by the model they speed up.
 
 A speculative verify pass feeds the LLM g + 1 tokens, so every linear layer multiplies a
-(g + 1) x d input by its weight. With float32 weights on a CPU, ``F.linear`` on 2 to 5 rows costs
-1.4x to 2.2x its one-row time (MKL's small-M GEMM path), so a pass over three tokens cost twice a
-step and speculation could not pay. The same product written as ``W @ x.T`` stays near the
+(g + 1) x d input by its weight. With float32 weights on a CPU, ``F.linear`` on 2 to 5 rows can
+cost far more than its one-row time (MKL's small-M GEMM path), so a pass over a few tokens costs
+much more than a step and speculation cannot pay. The same product written as ``W @ x.T`` stays near the
 one-row cost up to a few rows (up to 5 rows for ordinary layers, 8 for a vocabulary head; past that
 MKL's GEMM is as fast or faster). benchmarks/bench_generate.py measures the pass cost both ways.
 
@@ -80,14 +80,14 @@ class SharedRows:
 @torch.no_grad()
 def shared_rows(lin: torch.nn.Linear) -> SharedRows | None:
     """The distinct rows of a wide layer (``WIDE`` outputs or more) of which a quarter or more repeat
-    (``SHARED_MIN``), else None. Searches every call (about 0.3 s on a 49,152-row head that repeats;
+    (``SHARED_MIN``), else None. Searches every call (a sort of the whole weight;
     ``FewRowKernels.shared_rows`` keeps the answer until the weight changes)."""
     if lin.out_features < WIDE:
         return None
     w, b = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
     full = w if b is None else torch.cat([w, b[:, None].to(w.dtype)], 1)
     most = int(full.shape[0] * (1 - SHARED_MIN))
-    if torch.unique(full[:, :PROBE_COLUMNS], dim=0).shape[0] > most:  # ~10 ms on a 49,152-row head
+    if torch.unique(full[:, :PROBE_COLUMNS], dim=0).shape[0] > most:  # a cheap bound first
         return None
     distinct, index = torch.unique(full, dim=0, return_inverse=True)
     if distinct.shape[0] > most:
@@ -101,7 +101,7 @@ def shared_rows(lin: torch.nn.Linear) -> SharedRows | None:
 def _measure_one_row(weights: Sequence[torch.Tensor], sweeps: int = 3) -> bool:
     """Whether one row through every weight in order (as a decoding step streams them from memory, or
     from cache for a small model) runs faster padded to two rows than with ``F.linear``; best of
-    ``sweeps`` interleaved sweeps each (about 6 steps' worth of time for SmolLM2-135M, once per model)."""
+    ``sweeps`` interleaved sweeps each (a few steps' worth of time, once per model)."""
     ws = [w for w in weights if w.dtype == torch.float32 and w.device.type == "cpu" and w.dim() == 2]
     if not ws:
         return False
@@ -168,7 +168,7 @@ class FewRowKernels:
     def _shared_forward(self, rows: SharedRows):
         def forward(x: torch.Tensor) -> torch.Tensor:
             y = _product(x, rows.weight, rows.bias, bool(self.pad_one))  # (..., distinct)
-            # a 2-D index_select: on a (1, 1, 10,446) -> 49,152 copy 25 us, against 100 us along the last dim of 3-D
+            # a 2-D index_select: several times faster than one along the last dim of a 3-D tensor
             return y.reshape(-1, y.shape[-1]).index_select(1, rows.index).reshape(*y.shape[:-1], rows.index.numel())
         return forward
 

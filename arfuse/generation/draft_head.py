@@ -1,12 +1,11 @@
 """The drafter's output layer, restricted to likely tokens while it drafts.
 
-A small model's step is mostly its output layer: the KJV SLM (2 layers of width 256, 49,152
-tokens) spends 5.4 of its 8.2 ms per step (one CPU thread) multiplying by its 49,152 x 256 head,
-while its layers take about 2 ms. Drafting only needs a guess of the next token, so while the SLM
-drafts, its head scores a candidate set C of tokens (per row: the 4,096 most probable over its
-prompt, and the top 32 of every exact distribution on its text since: about 4,100 tokens, 0.12 ms),
-and the exact head runs once per cycle, on every drafted position together (5 ms for 1 to 4
-rows), for P. A cycle with one draft runs the whole head once anyway and keeps it. Each row has
+A small model's step is mostly its output layer: a 2-layer SLM of width 256 on a 49,152-token
+vocabulary spends most of a step multiplying by its 49,152 x 256 head. Drafting only needs a
+guess of the next token, so while the SLM drafts, its head scores a candidate set C of tokens (per
+row: the 4,096 most probable over its prompt, and the top 32 of every exact distribution on its
+text since: a few thousand tokens), and the exact head runs once per cycle, on every drafted
+position together, for P. A cycle with one draft runs the whole head once anyway and keeps it. Each row has
 its own set, built from its own distributions only, so a row's drafts and tokens never depend on
 the other rows of a batch (the product runs over the union of the sets; each row's logits outside
 its own set are masked). A row with no distribution seen yet (a
@@ -15,12 +14,9 @@ one-token prompt) drafts from its whole vocabulary until it has one.
 Drafts are drawn from q_C, the SLM's distribution renormalised on C. Speculative verification is
 exact for any draft distribution (the acceptance test and the residual use q_C itself), so the
 output is exactly the fused model's; only the acceptance rate can change, when the SLM's own best
-token lies outside C (its exact argmax was in C at 100.0% of drafted positions in
-bench_generate's runs on held-out KJV passages). ``GenerationStats.draft_head_coverage``
-reports that share for each run. Measured (one thread): drafting per cycle 16 vs 27 ms at g = 3
-in one interleaved comparison; 18 vs 22 ms (g = 2), 25 vs 31 ms (g = 3), 38 vs 59 ms (g = 6) in
-the sweep of benchmarks/bench_generate.py (64 tokens). End to end it changes little on the
-benchmark's KJV pair, whose drafts are accepted a quarter of the time: there, verification dominates.
+token lies outside C; ``GenerationStats.draft_head_coverage`` reports how often its exact argmax
+was in C, and benchmarks/bench_generate.py measures drafting time per cycle with and without the
+candidate head. Where drafts are accepted rarely, verification dominates and the saving is small.
 
 Only an output layer that is a plain ``nn.Linear`` whose output is the model's logits qualifies
 (``CausalLM.output_layer``; its product is replaced through ``CausalLM.output_replaced``): a probe
@@ -66,9 +62,8 @@ class DraftHead:
         """A DraftHead for ``model`` if its logits are exactly its output layer applied to the last
         hidden state (a probe on two tokens), else None. None too with ``shared_rows_once`` (the
         generation kernels are on) for a layer whose repeated rows those kernels compute once (a
-        compact-vocabulary SLM from ``arfuse train``): its whole head is cheap already (0.4 ms on
-        the KJV SLM), and candidates only added work (bench_generate, three runs: whole head
-        1.006/1.028/1.041x SmolLM2 alone, candidates 1.000/1.006/1.014x)."""
+        compact-vocabulary SLM from ``arfuse train``): its whole head is cheap already, and
+        candidates only added work in bench_generate's runs."""
         lin = model.output_layer()
         if type(lin) is not torch.nn.Linear:
             return None

@@ -120,9 +120,8 @@ class DraftSources:
     distribution at that position (greedy: whether each proposal is P's argmax; sampling: the
     probability that it is accepted, sum_v min(P, q) for the SLM and P(d) for a copy d), so neither
     needs a turn to be measured. Exponential moving averages with a prior of one half and a long
-    memory (about 50 cycles): the rates are often close (KJV SLM 21%, copies after a 1-token match
-    33%), and a short memory's noise flips the choice (0.9: 39.4 tokens/s, 0.98: 39.9 on three
-    held-out KJV passages). A row's record holds its own text only, so its choices never depend on
+    memory (about 50 cycles): the two rates are often close, and a short memory's noise flips the
+    choice (bench_generate compared decays). A row's record holds its own text only, so its choices never depend on
     the other rows of a batch."""
 
     PRIOR = (1.0, 2.0)   # accepted, trials: one half
