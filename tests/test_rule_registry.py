@@ -202,6 +202,10 @@ def test_toy_rule_from_generate_is_the_argmax_step_by_step(product, tiny_models,
         assert int(fused.argmax()) == t
         ids.append(t)
     assert len(got) == 10
+    # and it is the toy rule that ran: the mixture at the same weight says something else
+    assert main(["generate", "--large", tiny_models["large"], "--small", tiny_models["small"], "--weight", "0.6",
+                 "--max-new-tokens", "10", "--json", prompt]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["token_ids"] != got
 
 
 # ---- names, parameters, vocabularies ----------------------------------------------------------------------
