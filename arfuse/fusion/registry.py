@@ -96,18 +96,24 @@ class Rule(ABC):
     argmax_only: ClassVar[tuple[int, ...]] = ()
 
     def __init__(self, weights: Sequence[float] | None = None, **params):
+        self.values = {p.name: None if p.default is None else p.check(p.default, self.name) for p in self.params}
+        self.weights = None
+        self._set(weights, params)
+
+    def _set(self, weights: Sequence[float] | None, params: dict) -> None:
+        """Check and take these weights and parameters (None values leave theirs as they are)."""
         unknown = set(params) - {p.name for p in self.params}
         if unknown:
             names = ", ".join(p.name for p in self.params) or "none"
             raise ArfuseError(f"the {self.name} rule has no parameter {', '.join(sorted(unknown))} (its parameters: "
                               f"{names})")
-        self.values = {}
         for p in self.params:
-            v = params.get(p.name, p.default)
-            self.values[p.name] = None if v is None else p.check(v, self.name)
+            if params.get(p.name) is not None:
+                self.values[p.name] = p.check(params[p.name], self.name)
         if weights is not None and not self.weighted:
             raise ArfuseError(f"the {self.name} rule takes no weights ({self.summary})")
-        self.weights = None if weights is None else check_weights(weights, len(weights))
+        if weights is not None:
+            self.weights = check_weights(weights, len(weights))
 
     def check_models(self, n: int) -> Rule:
         """Check the number of models (and of weights) alone: for fusing distributions that are not
@@ -131,18 +137,9 @@ class Rule(ABC):
 
     def replace(self, weights: Sequence[float] | None = None, **params) -> Rule:
         """A copy with these weights and parameters (checked); whatever ``bind`` took is kept."""
-        unknown = set(params) - {p.name for p in self.params}
-        if unknown:
-            raise ArfuseError(f"the {self.name} rule has no parameter {', '.join(sorted(unknown))}")
-        if weights is not None and not self.weighted:
-            raise ArfuseError(f"the {self.name} rule takes no weights ({self.summary})")
         new = copy.copy(self)
         new.values = dict(self.values)
-        for p in self.params:
-            if p.name in params:
-                new.values[p.name] = p.check(params[p.name], self.name)
-        if weights is not None:
-            new.weights = check_weights(weights, len(weights))
+        new._set(weights, params)
         return new
 
     def flags(self, names: Sequence[str]) -> str:

@@ -98,6 +98,8 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
                            stop_at_eos=stop_at_eos, fast_kernels=fast_kernels, draft=draft,
                            draft_head=draft_head)
     smalls = [] if small is None else ([small] if isinstance(small, (str, CausalLM)) else list(small))
+    if get_rule(rule).weighted:  # bad weights fail before any model loads
+        resolve_weights(weight, weights, 1 + len(smalls))
     models = [_load(large, device, dtype)] + [_load(s, device, dtype) for s in smalls]
     fuse = build_rule(models, rule=rule, weight=weight, weights=weights, **rule_params)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)

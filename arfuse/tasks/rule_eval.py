@@ -43,10 +43,7 @@ def _check_targets(got: torch.Tensor, want: np.ndarray, at: int, name: str) -> N
 
 def _bound_rule(cfg, models) -> Rule:
     """``cfg.rule`` with ``cfg.rule_params`` (and ``cfg.weights`` for a weighted rule), bound to ``models``."""
-    cls = get_rule(cfg.rule)
-    weights = cfg.weights if cls.weighted else None
-    params = {k: v for k, v in cfg.rule_params.items() if v is not None}
-    return make_rule(cfg.rule, weights, **params).bind(models)
+    return make_rule(cfg.rule, cfg.weights if get_rule(cfg.rule).weighted else None, **cfg.rule_params).bind(models)
 
 
 def _windows(rule: Rule, models, ds, cfg, recs, *, progress: bool):
