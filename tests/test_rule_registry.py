@@ -314,3 +314,22 @@ def test_rule_counts_replace_and_fit():
     assert make_rule("cosine").missing() == ["power"] and make_rule("linear").missing() == ["weights"]
     with pytest.raises(ArfuseError, match=re.escape("the cosine rule needs power: give --power")):
         Rule.check_fit(make_rule("cosine"), 2)  # the generic search finds weights only
+
+
+def test_a_rule_declared_by_an_installed_package_is_a_choice_of_the_cli(tiny_models, monkeypatch, capsys):
+    """An entry point in the group arfuse.rules (one line of a package's pyproject.toml) registers a rule
+    for every command, the console script included."""
+    from importlib.metadata import EntryPoint
+
+    import arfuse.fusion.registry as reg
+
+    eps = [EntryPoint("product", "toy_rule:ProductRule", reg.PLUGIN_GROUP)]
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: eps if group == reg.PLUGIN_GROUP else [])
+    monkeypatch.setattr(reg, "_plugins_read", False)
+    monkeypatch.setattr(reg, "RULES", dict(reg.RULES))
+    monkeypatch.setattr(reg, "_LOADED", dict(reg._LOADED))
+    assert reg.available_rules() == ["linear", "cosine", "product"]
+    assert main(["generate", "--large", tiny_models["large"], "--small", tiny_models["small"], "--rule", "product",
+                 "--weight", "0.6", "--max-new-tokens", "4", "--json", "In the beginning"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["token_ids"]) == 4
+    assert reg.get_rule("product").__name__ == "ProductRule"

@@ -7,8 +7,9 @@ it makes it a choice of ``arfuse eval``, ``arfuse task`` and ``arfuse generate``
 Python API; every message that names rules reads them from here.
 
 Adding a rule is one file with the class and one line: ``RULES`` below for a built-in rule
-(module path and class name, imported on first use), or ``register_rule(MyRule)`` from user
-code. mergekit registers its merge methods the same way.
+(module path and class name, imported on first use), ``register_rule(MyRule)`` from user code,
+or an entry point in the group ``arfuse.rules`` of an installed package (then the ``arfuse``
+command line knows it too). mergekit registers its merge methods the same way.
 """
 from __future__ import annotations
 
@@ -294,8 +295,27 @@ def unregister_rule(name: str) -> None:
         del _LOADED[name]
 
 
+PLUGIN_GROUP = "arfuse.rules"
+_plugins_read = False
+
+
+def _read_plugins() -> None:
+    """Rules that installed packages declare, once per process: an entry point in the group
+    ``arfuse.rules`` (``[project.entry-points."arfuse.rules"] product = "my_rules:ProductRule"`` in
+    the package's pyproject.toml) is a rule of every command, the arfuse CLI's included."""
+    global _plugins_read
+    if _plugins_read:
+        return
+    _plugins_read = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        RULES.setdefault(ep.name, ep.value)
+
+
 def available_rules() -> list[str]:
-    """Names of every registered rule, built-in first."""
+    """Names of every registered rule, built-in first, then plugins and rules registered in code."""
+    _read_plugins()
     return list(RULES)
 
 
@@ -303,6 +323,7 @@ def get_rule(name: str) -> type[Rule]:
     """The rule class registered as ``name``; an unknown name fails with the choices."""
     if name in _LOADED:
         return _LOADED[name]
+    _read_plugins()
     if name not in RULES:
         raise ArfuseError(f"unknown fusion rule {name!r}: use one of {', '.join(RULES)}.{did_you_mean(name, RULES)}")
     module, _, attr = RULES[name].partition(":")
