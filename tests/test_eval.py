@@ -101,11 +101,29 @@ def test_bad_weights_are_clear_errors(tiny_models, text_file, capsys, argv, need
     assert needle in capsys.readouterr().err
 
 
-def test_different_vocabularies_name_both_sizes_and_the_fix(tiny_models, text_file, capsys):
-    assert main(["eval", "--large", tiny_models["large"], "--small", tiny_models["othervocab"], "--data", text_file,
-                 *OPTS]) == 2
+def test_different_vocabularies_fuse_by_segments_and_a_token_rule_names_the_union_rule(tiny_models, text_file,
+                                                                                        capsys):
+    args = ["eval", "--large", tiny_models["large"], "--small", tiny_models["othervocab"], "--data", text_file, *OPTS]
+    assert main(args) == 0
+    assert "segment mixture across tokenizers" in capsys.readouterr().out
+    assert main([*args, "--rule", "cosine"]) == 2
     err = capsys.readouterr().err
-    assert "320" in err and "300" in err and "needs one tokenizer" in err
+    assert "needs one tokenizer" in err and "--rule union" in err
+
+
+def test_eval_rule_union_adds_its_teacher_forced_row(tiny_models, text_file, tmp_path):
+    from arfuse.tasks.config import EvalConfig as Cfg
+
+    cfg = Cfg(large=tiny_models["large"], smalls=[tiny_models["othervocab"]], data=text_file, score=CFG,
+              rule="union", rule_params={"topk": 4})
+    rep = evaluate(cfg, progress=False)
+    row = next(r for r in rep.rows if r.kind == "rule")
+    u = rep.data["union_rule"]
+    assert u["k"] == 4 and 0.0 <= u["w"] <= 1.0 and 0.0 <= u["backoff"] <= 1.0 and 0.0 < u["coverage"] <= 1.0
+    assert np.isfinite(row.metrics["bits_per_byte"]) and row.metrics["bits_per_byte"] > 0
+    # the exact optimum on the data itself can only improve on the LLM alone (w = 1, no back-off is a choice)
+    assert row.gain_pct >= -1e-9
+    assert "union rule" in rep.to_markdown()
 
 
 def test_empty_file_and_missing_model_are_clear_errors(tiny_models, tmp_path, text_file, capsys):

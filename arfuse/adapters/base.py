@@ -152,6 +152,44 @@ class CausalLM(ABC):
     def tokenizer_fingerprint(self) -> str:
         """A hash of the vocabulary and merges: equal hashes mean identical tokenization."""
 
+    # ---- running text (fusion across tokenizers) ---------------------------------------
+    def token_bytes(self) -> list[bytes | None]:
+        """The UTF-8 bytes each token id stands for in running text, ``info.vocab_size`` entries:
+        ``b" the"`` for byte-level ``Ġthe`` or SentencePiece ``▁the``, one byte for a byte token
+        (``<0x0A>`` -> ``b"\\n"``; a byte-level token may hold part of a character), None for special
+        tokens (BOS, EOS, padding, ``<unk>``, added special tokens) and for ids past the tokenizer
+        (padded embedding rows). Computed once per model (``tokenizer_token_bytes``); do not mutate it."""
+        tb = self.__dict__.get("_token_bytes")
+        if tb is None:
+            from arfuse.adapters.token_bytes import fit_to_vocab
+
+            tb = self.__dict__["_token_bytes"] = fit_to_vocab(self.tokenizer_token_bytes(), self.info.vocab_size)
+        return tb
+
+    def tokenizer_token_bytes(self) -> list[bytes | None]:
+        """``token_bytes`` of the tokenizer's own ids (any length: ``token_bytes`` fits it to the
+        vocabulary). Adapters whose tokens have a string form override this and ``encode_piece``."""
+        from arfuse.adapters.token_bytes import no_tokenizer_bytes_error
+
+        raise no_tokenizer_bytes_error(f"{self.info.name} ({self.info.kind})", "its adapter gives no string form of "
+                                       "its tokens")
+
+    def encode_piece(self, text: str) -> list[int]:
+        """Token ids of ``text`` as a continuation of running text: no BOS or special tokens, no
+        dummy-prefix space, so that ``b"".join(token_bytes()[i] for i in ids) == text.encode()``
+        (exactly for byte-level BPE and SentencePiece with byte fallback; word-level tokenizers
+        lose the exact spacing and read unknown words as ``<unk>``)."""
+        from arfuse.adapters.token_bytes import no_tokenizer_bytes_error
+
+        raise no_tokenizer_bytes_error(f"{self.info.name} ({self.info.kind})", "its adapter cannot tokenise a piece "
+                                       "of running text")
+
+    def piece_boundary(self, text: str) -> int:
+        """How many characters of pending running text ``text`` may be fed now (``encode_piece``); the
+        rest waits for more text. All of it, except for word-level tokenizers, which take whole words
+        only: they stop before the whitespace that precedes an unfinished last word."""
+        return len(text)
+
     # ---- scoring ---------------------------------------------------------------------
     @abstractmethod
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -92,6 +92,29 @@ class HFTokenizerMethods:
             self._tok_fp = backend_fingerprint(self.tokenizer.backend_tokenizer)
         return self._tok_fp
 
+    # ---- running text (arfuse.adapters.token_bytes) ------------------------------------
+    def _running_text(self):
+        """What the tokenizer's tokens stand for and its running-text copy, made once per model."""
+        rt = self.__dict__.get("_hf_token_bytes")
+        if rt is None:
+            from arfuse.adapters.token_bytes import HFTokenBytes
+
+            rt = self.__dict__["_hf_token_bytes"] = HFTokenBytes(self.tokenizer, self.info.name)
+        return rt
+
+    def tokenizer_token_bytes(self) -> list[bytes | None]:
+        return self._running_text().token_bytes
+
+    def encode_piece(self, text: str) -> list[int]:
+        return self._running_text().encode_piece(text)
+
+    def piece_boundary(self, text: str) -> int:
+        if self._running_text().kind == "word":
+            from arfuse.adapters.token_bytes import word_boundary
+
+            return word_boundary(text)
+        return len(text)
+
 
 class HFCausalLM(HFTokenizerMethods, CausalLM):
     """A transformers ``AutoModelForCausalLM`` with its fast tokenizer."""

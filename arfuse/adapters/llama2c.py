@@ -301,6 +301,31 @@ class Llama2cLM(CausalLM):
     def tokenizer_fingerprint(self) -> str:
         return self.info.identity["tokenizer_sha256"]
 
+    def tokenizer_token_bytes(self) -> list[bytes | None]:
+        """Pieces as they are (llama2.c's export writes ``▁`` as a space), ``<0xNN>`` as the byte; the
+        pieces that decode to nothing (BOS, EOS) and ``<unk>`` stand for no text."""
+        from arfuse.adapters.token_bytes import piece_bytes_llama2c
+
+        tok = self.tokenizer
+        special = {i for i, raw in enumerate(tok.raw) if raw == b""} | {i for i, p in enumerate(tok.pieces)
+                                                                        if p == b"<unk>"}
+        return piece_bytes_llama2c(tok.pieces, special)
+
+    def encode_piece(self, text: str) -> list[int]:
+        """llama2.c's BPE of ``text`` without the dummy-prefix space. The tokenizer's chunks are only an
+        optimisation (encoding a text as one chunk gives the same tokens), so a short piece is one
+        memoised chunk."""
+        if not text:
+            return []
+        tok = self.tokenizer
+        if len(text) <= 64:
+            return list(tok._encode_chunk(text)[0])
+        starts = tok._chunk_starts(text)
+        ids: list[int] = []
+        for a, b in zip(starts, starts[1:] + [len(text)]):
+            ids.extend(tok._encode_chunk(text[a:b])[0])
+        return ids
+
     @torch.no_grad()
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids.to(self.device), attention_mask)[0]

@@ -52,13 +52,18 @@ def add_rule_options(p: argparse.ArgumentParser, *, default: str = "linear") -> 
     rules = available_rules()
     p.add_argument("--rule", default=default, metavar="RULE",
                    help=f"fusion rule (default: {default}): " + "; ".join(f"{n}: {get_rule(n).summary}" for n in rules))
+    added: set[str] = set()
     for option, owners in _rule_options().items():
         prm = owners[0][1]
+        if option in p._option_string_actions:  # the command's own option (eval's --topk): --param NAME=VALUE
+            continue
+        added.add(option)
         p.add_argument(option, dest=prm.name, type=None if prm.choices else float, choices=prm.choices or None,
                        help=" / ".join(f"--rule {r}" for r, _ in owners) + f": {prm.help}"
                        + (f" (default: {prm.default})" if prm.default is not None else ""))
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="a parameter of the chosen rule (repeat for several)")
+    p.set_defaults(_rule_option_names=frozenset(added))
 
 
 def rule_params(args) -> dict:
@@ -78,6 +83,8 @@ def rule_params(args) -> dict:
     given_by_option = {}
     for option, owners in _rule_options().items():
         name = owners[0][1].name
+        if option not in getattr(args, "_rule_option_names", {option}):
+            continue
         if getattr(args, name, None) is not None:
             params[name] = getattr(args, name)
             given_by_option[name] = option

@@ -20,13 +20,13 @@ def register(sub) -> None:
     g.add_argument("--weight", type=float, help="the LLM's weight w in [0, 1] (two models)")
     g.add_argument("--weights", help="comma-separated weights, the LLM first, summing to 1 (K models)")
     g.add_argument("--search", action="store_true", help="find the optimal weight exactly (the default)")
-    add_rule_options(p)
     add_model_options(p)
     add_score_options(p)
     p.add_argument("--objective", choices=["nll", "accuracy"],
                    help="classifiers: search the weight for accuracy (exact, the default for two models) or NLL")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--plot", metavar="PNG", help="draw the gain against k with the improvement domain shaded")
+    add_rule_options(p)   # last: a command's own option (--topk) keeps its meaning
     p.set_defaults(func=run)
 
 

@@ -20,7 +20,6 @@ def register(sub) -> None:
     p.add_argument("--small", help="the small model to fuse with (multiple choice: any tokenizer; LAMBADA: the same)")
     p.add_argument("--weight", type=float, help="the LLM's weight w in [0, 1], fixed (default: chosen on the "
                                                 "validation part)")
-    add_rule_options(p)
     p.add_argument("--data", help="the task's data file (default: the shared data folder's copy)")
     p.add_argument("--small-context-words", type=int, metavar="N",
                    help="the small model reads only the last N words of each context (a context ablation; "
@@ -37,6 +36,7 @@ def register(sub) -> None:
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    add_rule_options(p)   # last: a command's own option (--topk) keeps its meaning
     p.set_defaults(func=run)
 
 

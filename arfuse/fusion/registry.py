@@ -27,6 +27,7 @@ from arfuse.errors import ArfuseError, did_you_mean
 RULES: dict[str, str] = {
     "linear": "arfuse.fusion.linear:LinearRule",
     "cosine": "arfuse.fusion.cosine:CosineRule",
+    "union": "arfuse.fusion.union:UnionRule",
 }
 _BUILTIN = frozenset(RULES)
 _LOADED: dict[str, type[Rule]] = {}

@@ -105,7 +105,12 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ArfuseError("no prompts given: pass a string or a list of strings")
-    decoder = Decoder(models, fuse, cfg)
+    if fuse.same_vocab:
+        decoder = Decoder(models, fuse, cfg)
+    else:  # a rule across tokenizers: each model extends its own tokens with the chosen text
+        from arfuse.generation.union import UnionDecoder
+
+        decoder = UnionDecoder(models, fuse, cfg)
     s = Stream(decoder, prompts)
     if stream:
         return s

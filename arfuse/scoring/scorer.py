@@ -40,7 +40,7 @@ class _Doc:
     nwords: np.ndarray
 
 
-def _char_stats(text: str, ends: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def char_stats(text: str, ends: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bytes, characters and words closed by each token, from its character end offsets."""
     cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     byte_len = 1 + (cps >= 0x80) + (cps >= 0x800) + (cps >= 0x10000)
@@ -61,7 +61,7 @@ def prepare_docs(model: CausalLM, dataset: Dataset, bos: bool) -> list[_Doc]:
     docs = []
     for text in dataset.documents:
         enc = model.encode(text)
-        nb, nc, nw = _char_stats(text, enc.ends)
+        nb, nc, nw = char_stats(text, enc.ends)
         ids = np.asarray(enc.ids, dtype=np.int64)
         if bos:
             z = np.zeros(1, np.int32)

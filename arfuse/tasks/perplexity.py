@@ -4,22 +4,24 @@ Each model scores the text once (cached); everything else runs on the per-token 
 model alone, the uniform average, the fused model at the given or the NLL-optimal weights (exact
 for two models, EM on the simplex for K), the gain's block-bootstrap interval, and for two models
 the improvement domain and the gain curve on the reported data. A non-linear rule adds its own
-row (``arfuse.tasks.rule_eval``)."""
+row (``arfuse.tasks.rule_eval``). Models with different tokenizers are fused by the exact mixture on
+the segments where every tokenization has a boundary (``arfuse.tasks.segment_eval``)."""
 from __future__ import annotations
 
 import numpy as np
 
 from arfuse.data.text import load_dataset
 from arfuse.errors import ArfuseError
-from arfuse.formatting import fmt_k
 from arfuse.fusion import check_same_vocab, linear, uniform, w_to_k
 from arfuse.fusion.registry import cross_tokenizer_hint
 from arfuse.scoring.records import TokenRecords
 from arfuse.scoring.scorer import ScoreConfig, score
+from arfuse.tasks import segment_eval
 from arfuse.tasks.choose import add_domain_and_curve, nll_weights
 from arfuse.tasks.config import EvalConfig
 from arfuse.tasks.metrics import bootstrap_ppl_gain, perplexity_metrics
-from arfuse.tasks.report import EvalReport, Row, gain_cell, note_lines, rule_lines, table, weight_cells
+from arfuse.tasks.report import (EvalReport, Row, domain_lines, gain_cell, note_lines, rule_lines, table,
+                                 weight_cells, weight_lines)
 
 KIND = "causal language models"
 
@@ -33,13 +35,8 @@ def check_aligned(records: list[TokenRecords], names: list[str]) -> None:
                               f"tokens): linear fusion needs one tokenizer; {cross_tokenizer_hint()}")
 
 
-def _score(cfg: EvalConfig, *, progress: bool):
-    """(models, data, valid, test records, valid records or None): every model scores each data set once (cached)."""
-    from arfuse.adapters import load_model
-
-    data = load_dataset(cfg.data)
-    valid = load_dataset(cfg.valid) if cfg.valid else None
-    models = [load_model(s, device=cfg.device, dtype=cfg.dtype) for s in [cfg.large, *cfg.smalls]]
+def _score(cfg: EvalConfig, models, data, valid, *, progress: bool):
+    """(test records, valid records or None): every model scores each data set once (cached)."""
     check_same_vocab(models, "linear")
     names = [m.info.name for m in models]
 
@@ -50,7 +47,7 @@ def _score(cfg: EvalConfig, *, progress: bool):
         return recs
 
     test_recs = score_all(data)
-    return models, data, valid, test_recs, score_all(valid) if valid else None
+    return test_recs, score_all(valid) if valid else None
 
 
 def _choose(cfg: EvalConfig, fit_lps, names, data, valid, notes: list[str]):
@@ -77,7 +74,14 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> EvalReport:
     if cfg.objective == "accuracy":
         raise ArfuseError("objective 'accuracy' is for image classifiers: language models are fused at the "
                           "NLL-optimal (perplexity) weight; drop --objective")
-    models, data, valid, test_recs, valid_recs = _score(cfg, progress=progress)
+    from arfuse.adapters import load_model
+
+    data = load_dataset(cfg.data)
+    valid = load_dataset(cfg.valid) if cfg.valid else None
+    models = [load_model(s, device=cfg.device, dtype=cfg.dtype) for s in [cfg.large, *cfg.smalls]]
+    if not segment_eval.shared_tokenizer(models):  # different tokenizers: the exact mixture on common segments
+        return segment_eval.evaluate_segments(cfg, models, data, valid, progress=progress)
+    test_recs, valid_recs = _score(cfg, models, data, valid, progress=progress)
     names = [m.info.name for m in models]
     lps = [r.logp.astype(np.float64) for r in test_recs]
     notes: list[str] = []
@@ -120,10 +124,10 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> EvalReport:
     return report
 
 
-
-
 def describe(report: EvalReport) -> str:
     """The causal-LM report as text."""
+    if segment_eval.is_segment_report(report):
+        return segment_eval.describe(report)
     data = report.data
     lines = [(f"{data['name']} ({data['scored']['tokens']:,} tokens scored, {data['chars']:,} characters; "
               f"{data['source']})"),
@@ -136,22 +140,14 @@ def describe(report: EvalReport) -> str:
                 f"{m['bits_per_byte']:.4f}", gain_cell(r, "+.3f"), *weight_cells(r.weights, k_for_any=True)]
 
     lines.append(table(report, ["model", "params", "token PPL", "word PPL", "bits/byte", "gain %", "w", "k"], cells))
-    ratio = ", ".join(f"{x:.1f}" for x in report.param_ratio)
-    lines.append(f"weights: {', '.join(f'{w:.6f}' for w in report.weights)} (LLM first); k = {fmt_k(report.k)}; "
-                 f"parameter ratio r = {ratio}")
-    lines.append(f"weight source: {report.weight_source}")
+    lines += weight_lines(report)
     if report.gain_ci:
         ci = report.gain_ci
         lines.append(f"AR fused vs {report.models[0]['name']}: {ci['gain_pct']:+.3f}% token perplexity, "
                      f"{100 * ci['level']:.0f}% interval [{ci['ci_low']:+.3f}, {ci['ci_high']:+.3f}]% "
                      f"(paired bootstrap over {ci['blocks']:,} blocks of {ci['block_tokens']:,} tokens)")
     lines += rule_lines(report)
-    if report.domain_k:
-        lines.append(f"improvement domain on {data['name']}: k > {report.domain_k[0]:.4g} "
-                     f"(w > {report.domain_w[0]:.6f}); k* = {fmt_k(report.k_star)} there")
-    elif len(report.models) == 2:
-        lines.append(f"improvement domain on {data['name']}: empty (no weight makes the fused model beat the LLM)")
-    return "\n".join(lines + note_lines(report))
+    return "\n".join(lines + domain_lines(report) + note_lines(report))
 
 
 def family_members(specs, data_spec, *, score_cfg: ScoreConfig, device, dtype, batch_size, use_cache, progress,

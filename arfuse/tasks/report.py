@@ -144,5 +144,23 @@ def _value(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
+def weight_lines(report) -> list[str]:
+    """The weights, k and parameter ratio, and where the weights came from."""
+    ratio = ", ".join(f"{x:.1f}" for x in report.param_ratio)
+    return [f"weights: {', '.join(f'{w:.6f}' for w in report.weights)} (LLM first); k = {fmt_k(report.k)}; "
+            f"parameter ratio r = {ratio}", f"weight source: {report.weight_source}"]
+
+
+def domain_lines(report) -> list[str]:
+    """The improvement domain of two models on the reported data (none for K models)."""
+    name = report.data["name"]
+    if report.domain_k:
+        return [f"improvement domain on {name}: k > {report.domain_k[0]:.4g} (w > {report.domain_w[0]:.6f}); "
+                f"k* = {fmt_k(report.k_star)} there"]
+    if len(report.models) == 2:
+        return [f"improvement domain on {name}: empty (no weight makes the fused model beat the LLM)"]
+    return []
+
+
 def note_lines(report: EvalReport) -> list[str]:
     return [f"note: {n}" for n in report.notes]
