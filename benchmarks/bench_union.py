@@ -8,8 +8,8 @@ the same recipe). Weights are chosen on --valid and reported on --data.
 (a) Bits per byte on --data, each with a block-bootstrap interval of the reduction against SmolLM2
     alone: SmolLM2 alone; the same-tokenizer SLM fused by the linear rule (token level, exact w);
     the GPT-2-tokenizer SLM fused by the segment mixture (exact w, over segments where both
-    tokenizations have a boundary) and by the union rule, teacher-forced (k on a grid, w and the
-    back-off weight exact, all on --valid). The goal: the cross-tokenizer fusion keeps at least
+    tokenizations have a boundary) and by the union rule, teacher-forced (it redistributes the LLM's
+    probability of the union's strings; k on a grid, w exact, both on --valid; arfuse.tasks.union_eval). The goal: the cross-tokenizer fusion keeps at least
     80% of the same-tokenizer pair's bits-per-byte reduction.
 (b) Generation tokens/s (greedy, EOS ignored, --new-tokens each) at batch 1 and 8 on passages of
     --data: SmolLM2 alone, the linear rule with the same-tokenizer SLM, the union rule with the
@@ -82,13 +82,13 @@ def linear_same(llm, slm, valid, data, cfg) -> dict:
 
 def segment_mixture(llm, slm, valid, data, cfg) -> dict:
     from arfuse.scoring.scorer import score
-    from arfuse.scoring.segments import segment_logprobs
+    from arfuse.scoring.segments import segment_records
     from arfuse.search.weights import optimal_weight
     from arfuse.fusion import linear
 
     def segs(ds):
         recs = [score(m, ds, cfg) for m in (llm, slm)]
-        return segment_logprobs(recs, ds)
+        return segment_records(recs, ds)
 
     sv, st = segs(valid), segs(data)
     opt = optimal_weight(sv.logp[0], sv.logp[1])
@@ -105,11 +105,11 @@ def union_rule(llm, slm, valid, data, window, ks) -> tuple[dict, dict]:
     st = score_union(llm, slm, data, ks=ks, window=window)
     fit = fit_union(sv)
     b = fit["best"]
-    fused = mix_logp(st, b["k"], b["w"], b["lam"])
+    fused = mix_logp(st, b["k"], b["w"])
     r = row(f"+ {slm.info.name} (other tokenizer), union rule, teacher-forced", -st.lp_large, -fused, st.nbytes,
-            k=b["k"], w=b["w"], backoff=b["lam"], coverage=st.coverage(b["k"]), units=len(st.lp_large),
+            k=b["k"], w=b["w"], coverage=st.coverage(b["k"]), units=len(st.lp_large),
             unit="LLM tokens", seconds=time.perf_counter() - t0,
-            by_k={kk: {"w": f["w"], "backoff": f["lam"], "valid_bpb": f["nll"] / LN2 / float(np.sum(sv.nbytes)),
+            by_k={kk: {"w": f["w"], "valid_bpb": f["nll"] / LN2 / float(np.sum(sv.nbytes)),
                        "coverage": f["coverage"]} for kk, f in fit["by_k"].items()})
     return r, b
 
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--valid", default="kjv[90%:95%]")
     ap.add_argument("--data", default="kjv[95%:]")
     ap.add_argument("--window", type=int, default=1024)
-    ap.add_argument("--ks", default="1,2,5,10,20", help="union rule: top-k values tried on --valid")
+    ap.add_argument("--ks", default="1,2,5,10,20,50", help="union rule: top-k values tried on --valid")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--threads", type=int)
@@ -200,12 +200,13 @@ def main(argv=None) -> int:
     out["bits_per_byte"] = [r_lin, r_seg, r_uni]
     weak = load_model(args.weak) if args.weak else None
     if weak is not None:
-        print(f"(d) the same with {weak.info.name} as the partner", flush=True)
-        w_seg = segment_mixture(llm, weak, valid, data, cfg)
+        win = min(args.window, weak.info.max_length or args.window)   # stories260K reads 512 tokens at most
+        print(f"(d) the same with {weak.info.name} as the partner (windows of {win} tokens)", flush=True)
+        w_seg = segment_mixture(llm, weak, valid, data, ScoreConfig(window=win, convention="disjoint", bos="never"))
         show(w_seg)
-        w_uni, w_best = union_rule(llm, weak, valid, data, args.window, ks)
+        w_uni, w_best = union_rule(llm, weak, valid, data, win, ks)
         show(w_uni)
-        out["weak_partner"] = {"model": weak.info.name, "bits_per_byte": [w_seg, w_uni]}
+        out["weak_partner"] = {"model": weak.info.name, "window": win, "bits_per_byte": [w_seg, w_uni]}
     if not args.skip_generation:
         prompts = passages(args.data, args.prompts, 300)
         w, k = best["w"], best["k"]

@@ -74,6 +74,7 @@ class UnionDecoder:
         self.unfed = [0] * len(self.models)   # tokens of each row's last piece: extended, never needed as input
         self.align_seconds = 0.0              # the union rule and the extension, outside the model calls
         self.results: list[GenerationResult] = []
+        self._few_row = None
 
     # ---- prompts -------------------------------------------------------------------------
     def _prompt_ids(self, model: CausalLM, text: str) -> list[int]:
@@ -95,10 +96,12 @@ class UnionDecoder:
         return bos + ids
 
     def _kernels(self):
-        unique = list({id(m): m for m in self.models}.values())
-        kernels = [m.fast_kernels() for m in unique] if self.cfg.fast_kernels else []
+        """Every model's few-row kernels switched on (``arfuse.adapters.kernels``), made once per run."""
+        if self._few_row is None:
+            unique = list({id(m): m for m in self.models}.values())
+            self._few_row = [m.fast_kernels() for m in unique] if self.cfg.fast_kernels else []
         stack = contextlib.ExitStack()
-        for k in kernels:
+        for k in self._few_row:
             stack.enter_context(k.active())
         return stack
 

@@ -31,6 +31,7 @@ class Continuations:
     records: TokenRecords
     request: np.ndarray      # (T,) request index of each token
     n_requests: int
+    cont_bytes: np.ndarray | None = None  # (n_requests,) UTF-8 bytes of each continuation string after split_pair
 
     def loglik(self) -> np.ndarray:
         """Summed log p of each request's continuation (float64)."""
@@ -38,6 +39,45 @@ class Continuations:
 
     def n_tokens(self) -> np.ndarray:
         return np.bincount(self.request, minlength=self.n_requests)
+
+    def token_logp(self) -> np.ndarray:
+        """(T,) float64: each continuation token's log p, in the records' order."""
+        return self.records.logp.astype(np.float64)
+
+    def token_ends(self, pairs: list[tuple[str, str]] | None = None) -> np.ndarray:
+        """(T,) int64, in the records' order: the byte offset where each continuation token ends,
+        relative to the start of its request's continuation string as ``split_pair`` gives it (the
+        context's trailing spaces included). A request's last token ends at the string's length;
+        a token closing no byte (part of a character) ends where the token before it does. The
+        first token starts at its end less its ``nbytes``: below 0 where the tokenizer merged the
+        context's last characters into it. ``pairs`` gives the strings' lengths to Continuations
+        made without them."""
+        if self.cont_bytes is not None:
+            total = np.asarray(self.cont_bytes, np.int64)
+        elif pairs is not None:
+            if len(pairs) != self.n_requests:
+                raise ArfuseError(f"token_ends: {len(pairs)} pairs given for {self.n_requests} requests")
+            total = continuation_bytes(pairs)
+        else:
+            raise ArfuseError("token_ends: these continuations carry no continuation lengths; pass the pairs scored")
+        req = self.request.astype(np.int64)
+        order = np.lexsort((self.records.pos, req))
+        nb = self.records.nbytes.astype(np.int64)[order]
+        r = req[order]
+        cum = np.cumsum(nb)                                  # bytes closed up to and including each token
+        last = np.ones(len(r), bool)
+        last[:-1] = r[1:] != r[:-1]
+        upto = np.zeros(self.n_requests, np.int64)
+        upto[r[last]] = cum[last]                            # cum at each request's last token
+        ends = np.empty(len(r), np.int64)
+        ends[order] = total[r] - (upto[r] - cum)
+        return ends
+
+
+def continuation_bytes(pairs: list[tuple[str, str]]) -> np.ndarray:
+    """UTF-8 bytes of each continuation string after ``split_pair`` (a lone surrogate counts 3, as
+    the scorer counts it)."""
+    return np.array([len(split_pair(c, x)[1].encode("utf-8", "surrogatepass")) for c, x in pairs], np.int64)
 
 
 def split_pair(context: str, continuation: str) -> tuple[str, str]:
@@ -91,7 +131,7 @@ def score_continuations(model: CausalLM, pairs: list[tuple[str, str]], cfg: Scor
         bad = int(np.flatnonzero(counts == 0)[0])
         raise ArfuseError(f"{name}: request {bad}'s continuation {pairs[bad][1]!r} merges into its context's last "
                           f"token under {model.info.name}'s tokenizer: it has no token of its own to score")
-    return Continuations(sub, req, len(pairs))
+    return Continuations(sub, req, len(pairs), continuation_bytes(pairs))
 
 
 @torch.no_grad()

@@ -158,6 +158,8 @@ def run_task(cfg: TaskRunConfig, *, progress: bool = True) -> dict:
     report["split"] = split_desc
     if isinstance(rule, LinearRule):
         _fuse_linear(report, task, conts, per_model, valid, test, cfg)
+        if task.kind != "lambada":
+            _fuse_segments_mc(report, examples, models, all_reqs, conts, per_model, valid, test, cfg)
     elif task.kind == "lambada":
         _fuse_rule_lambada(report, rule, models, all_reqs, conts, per_model, valid, test, cfg, progress)
     else:
@@ -267,6 +269,48 @@ def _fuse_linear(report: dict, task: TaskConfig, conts, per_model, valid, test, 
             sl, ss = per_model
             iv = intervals_from_probs(sl.probs(norm), ss.probs(norm), sl.gold, valid=sl.valid)
             report["fused"][key] = _fused_accuracy(iv, valid, test, cfg.n_boot, cfg.seed, cfg.weight)
+
+
+SEGMENT_ROW = "segment mixture (per option)"
+
+
+def _fuse_segments_mc(report: dict, examples, models, all_reqs, conts, per_model, valid, test,
+                      cfg: TaskRunConfig) -> None:
+    """The segment mixture within each option, next to the whole-option fusion over answers: each
+    option cut at the byte offsets where both models end a token, ll_seg(w) = sum over its segments
+    of log(w p_L(seg) + (1 - w) p_S(seg)); the pick is the argmax of ll_seg(w) (acc) or of
+    ll_seg(w) / completion_len (acc_norm). w: the most accurate on the validation part over
+    ``W_GRID`` (ties: the largest), or --weight; reported on the test part like the rule rows.
+    Computed for every pair: with one tokenizer each segment is one token (the token-level linear
+    mixture of the option's tokens)."""
+    from arfuse.tasks import multiple_choice as mc
+
+    same = models[0].tokenizer_fingerprint() == models[1].tokenizer_fingerprint()
+    segs = mc.option_segments(conts, token_level=same)
+    out = {"name": SEGMENT_ROW, "tokenizers": "one" if same else "different", **segs.totals,
+           "description": ("each option cut at the byte offsets where both models end a token; ll_seg(w) = sum over "
+                           "segments of log(w p_L(seg) + (1 - w) p_S(seg)); argmax over options of ll_seg(w) (acc) "
+                           "or ll_seg(w) / completion_len (acc_norm)"
+                           + ("; one tokenizer: each segment is one token (the token-level linear mixture)"
+                              if segs.token_level else ""))}
+    for norm, key in ((False, "acc"), (True, "acc_norm")):
+        base = per_model[0]
+        if cfg.weight is None:
+            w, _ = mc.choose_segment_weight(segs, base, examples, norm, valid)
+            chosen = (f"the most accurate w on the validation part, on a grid of {len(mc.W_GRID)} points in [0, 1] "
+                      "(ties: the largest w); not an exact curve")
+        else:
+            w, chosen = float(cfg.weight), "given (--weight)"
+        both = np.union1d(valid, test)
+        right = mc.segment_right(segs, base, examples, [w], norm, rows=both)[0]
+        llm, slm = per_model[0].right(norm), per_model[1].right(norm)
+        boot = paired_bootstrap(right[test], llm[test], n_boot=cfg.n_boot, seed=cfg.seed)
+        out[key] = {"rule": f"{SEGMENT_ROW}, w = {w:.4g}", "w": w, "k": w_to_k(w), "chosen_on": chosen,
+                    "valid": {"n": len(valid), "acc_llm": float(llm[valid].mean()),
+                              "acc_fused": float(right[valid].mean())},
+                    "test": {"n": len(test), "acc_llm": float(llm[test].mean()), "acc_slm": float(slm[test].mean()),
+                             "acc_fused": float(right[test].mean()), **boot}}
+    report["segment_mixture"] = out
 
 
 def _missing_error(rule: Rule) -> ArfuseError:
@@ -386,6 +430,18 @@ def _fused_markdown(r: dict) -> list[str]:
             lines.append(f"| {key} | {fmt_k(f['k'])} | {t['acc_llm']:.4f} | {t['acc_fused']:.4f} | "
                          f"{100 * t['delta']:+.2f} pt | [{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}] | "
                          f"{t['fixed']} / {t['broken']} | {fmt_k(k_star)} |")
+    seg = r.get("segment_mixture")
+    if seg:
+        for key in ("acc", "acc_norm"):
+            f = seg[key]
+            t = f["test"]
+            lines.append(f"| {key}, {SEGMENT_ROW} | {fmt_k(f['k'])} | {t['acc_llm']:.4f} | {t['acc_fused']:.4f} | "
+                         f"{100 * t['delta']:+.2f} pt | [{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}] | "
+                         f"{t['fixed']} / {t['broken']} | - |")
+        lines += ["", f"acc, acc_norm: whole-option fusion over answers (each model's softmax over the options); "
+                      f"{SEGMENT_ROW}: {seg['description']}; tokenizers: {seg['tokenizers']}; {seg['segments']:,} "
+                      f"segments of {seg['options']:,} options, tokens per model {seg['tokens_per_model']}; w chosen: "
+                      f"{seg['acc']['chosen_on']}"]
     if "perplexity" in r["fused"]:
         p = r["fused"]["perplexity"]
         lines.append(f"| perplexity | {fmt_k(p['k'])} | {p['test']['ppl_llm']:.3f} | {p['test']['ppl_fused']:.3f} | "

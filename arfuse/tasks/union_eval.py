@@ -6,11 +6,17 @@ SLM reads the same text extended piece by piece, one LLM token's text at a time,
 does when the union rule generates (``arfuse.adapters.extend.TextExtender``): before LLM token
 t+1 both models have read the same bytes. At each position the union rule (``arfuse.fusion.union``)
 takes both models' top-k strings, renormalises each model over them and mixes w q_LLM +
-(1 - w) q_SLM. A target outside the union gets no mass from the rule, so the scored distribution
-backs off to the LLM's own, P = (1 - lam) [w q_LLM + (1 - w) q_SLM] + lam p_LLM (a distribution
-over strings: it never puts mass on the target twice). For each k of a grid the weights
-(w, lam) are the exact optimum on the validation text (EM on the simplex of the three parts:
-the NLL is convex in them); the best k on validation is reported on the test text.
+(1 - w) q_SLM. Scored as a distribution over the LLM's tokens, the LLM's side is its own
+probability (its top-k truncation would leave every target outside the union with nothing) and
+the SLM's side is its renormalised union distribution carried onto the LLM's tokens by string: a
+candidate that is an LLM token counts for that token, one that is not counts for its first LLM
+sub-token (the map's route). So
+
+    P(t) = w p_LLM(t) + (1 - w) q_SLM->LLM(t),
+
+a distribution over the LLM's vocabulary; w = 1 is the LLM alone exactly, and the NLL is the linear
+rule's convex problem: w is its exact optimum (the same Newton search). For each k of a grid, w is
+chosen on the validation text and the best k is reported on the test text.
 """
 from __future__ import annotations
 
@@ -24,33 +30,30 @@ from arfuse.adapters.base import CausalLM
 from arfuse.adapters.extend import TextExtender
 from arfuse.data.text import Dataset
 from arfuse.errors import ArfuseError
+from arfuse.fusion.linear import linear
 from arfuse.fusion.union import union_probs, vocab_of
 from arfuse.scoring.scorer import char_stats
 from arfuse.scoring.windows import plan_windows
-from arfuse.search.weights import optimal_weights_em
+from arfuse.search.weights import optimal_weight
 
-KS = (1, 2, 5, 10, 20)
+KS = (1, 2, 5, 10, 20, 50)
 
 
 @dataclass
 class UnionScores:
-    """Per LLM target token: the LLM's log p (alone), and per k the log of each model's renormalised
-    probability of the target's string over the union (-inf outside it), and the target's bytes."""
+    """Per LLM target token: the LLM's log p, and per k the log of the SLM's union probability carried
+    onto it (-inf where none of the union's strings leads to it); the bytes and words it closes."""
 
     ks: tuple[int, ...]
     lp_large: np.ndarray
-    lq_large: dict[int, np.ndarray] = field(default_factory=dict)
     lq_small: dict[int, np.ndarray] = field(default_factory=dict)
     nbytes: np.ndarray | None = None
     nwords: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
 
-    def parts(self, k: int) -> list[np.ndarray]:
-        return [self.lq_large[k], self.lq_small[k], self.lp_large]
-
     def coverage(self, k: int) -> float:
-        """Share of targets whose string is in the union."""
-        return float(np.isfinite(self.lq_large[k]).mean())
+        """Share of targets the SLM's side reaches (some union string leads to them)."""
+        return float(np.isfinite(self.lq_small[k]).mean())
 
 
 def _logits_at(model: CausalLM, seq: list[int], lo: int, positions: list[int]) -> torch.Tensor:
@@ -81,7 +84,7 @@ def score_union(large: CausalLM, small: CausalLM, dataset: Dataset, *, ks=KS, wi
     vl, vs = vocab_of(large), vocab_of(small)
     use_bos_l, use_bos_s = large.uses_bos(bos), small.uses_bos(bos)
     lp_large, nbytes = [], []
-    lq = {k: ([], []) for k in ks}
+    lq: dict[int, list] = {k: [] for k in ks}
     from arfuse.progress import token_progress
 
     docs = []
@@ -125,23 +128,20 @@ def score_union(large: CausalLM, small: CausalLM, dataset: Dataset, *, ks=KS, wi
                     lpl = lpl_all[[t - 1 - w.ctx_start for t in tg]]
                     # no SLM token yet (the text so far is part of one character): a flat SLM
                     lps_full = torch.stack([lps_at[row_of[pos_s[t - 1]]] if pos_s[t - 1] >= 0 else flat for t in tg])
-                    tgt_keys = [pieces[t] for t in tg]
                     tgt_ids = torch.tensor([ids[t] for t in tg])
                     lp_large.append(lpl.gather(1, tgt_ids[:, None].to(lpl.device))[:, 0].double().cpu().numpy())
                     nbytes.append(doc_nb[a:b].astype(np.int64))
                     nwords.append(doc_nw[a:b].astype(np.int64))
                     for k in ks:
                         keys, q = union_probs([lpl, lps_full], [vl, vs], k)
-                        ql, qs = np.full(len(tg), -np.inf), np.full(len(tg), -np.inf)
-                        for r, (row, key) in enumerate(zip(keys, tgt_keys)):
-                            try:
-                                j = row.index(key)
-                            except ValueError:
-                                continue
-                            ql[r] = math.log(float(q[0, r, j])) if q[0, r, j] > 0 else -np.inf
-                            qs[r] = math.log(float(q[1, r, j])) if q[1, r, j] > 0 else -np.inf
-                        lq[k][0].append(ql)
-                        lq[k][1].append(qs)
+                        qs = np.zeros(len(tg))   # the SLM's union probability carried onto the target token
+                        for r, (row, t) in enumerate(zip(keys, tgt_ids.tolist())):
+                            for j, key in enumerate(row):
+                                route = vl.route(key)
+                                if route and route[0] == t:
+                                    qs[r] += float(q[1, r, j])
+                        with np.errstate(divide="ignore"):
+                            lq[k].append(np.log(qs))
                     advance(len(tg))
     if not lp_large:
         raise ArfuseError(f"{dataset.name} gives no token to score with {large.info.name}")
@@ -149,34 +149,26 @@ def score_union(large: CausalLM, small: CausalLM, dataset: Dataset, *, ks=KS, wi
                       meta={"large": large.info.name, "small": small.info.name, "data": dataset.name,
                             "window": window, "convention": "disjoint", "bos": bos})
     for k in ks:
-        out.lq_large[k] = np.concatenate(lq[k][0])
-        out.lq_small[k] = np.concatenate(lq[k][1])
+        out.lq_small[k] = np.concatenate(lq[k])
     return out
 
 
-def fit_union(valid: UnionScores, k: int | None = None) -> dict:
-    """The exact NLL-optimal (w, lam) for each k on ``valid`` (EM on the simplex of the three parts),
-    and the best k (or the given one)."""
+def fit_union(valid: UnionScores, k: int | None = None, w: float | None = None) -> dict:
+    """For each k (or the given one) on ``valid``: the exact NLL-optimal AR weight w (or the given w);
+    the best k."""
     fits = {}
     for kk in ([k] if k is not None else valid.ks):
-        ws, it, ok = optimal_weights_em(valid.parts(kk))
-        lam = float(ws[2])
-        w = float(ws[0] / (ws[0] + ws[1])) if ws[0] + ws[1] > 0 else 1.0
-        nll = -float(np.sum(mix_logp(valid, kk, w, lam)))
-        fits[kk] = {"k": kk, "w": w, "lam": lam, "nll": nll, "em_iterations": it, "converged": ok,
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):   # the SLM side's zeros, at w = 0
+            ww = float(w) if w is not None else optimal_weight(valid.lp_large, valid.lq_small[kk]).w
+        fits[kk] = {"k": kk, "w": ww, "nll": -float(np.sum(mix_logp(valid, kk, ww))),
                     "coverage": valid.coverage(kk)}
     best = min(fits.values(), key=lambda f: f["nll"])
     return {"best": best, "by_k": fits}
 
 
-def mix_logp(s: UnionScores, k: int, w: float, lam: float) -> np.ndarray:
-    """log P(target) of the backed-off union rule at (k, w, lam), per target."""
-    with np.errstate(divide="ignore"):
-        parts = np.stack(s.parts(k))
-        lw = np.log(np.array([(1 - lam) * w, (1 - lam) * (1 - w), lam]))[:, None]
-        z = parts + lw
-        m = np.max(z, axis=0)
-        return m + np.log(np.sum(np.exp(z - m), axis=0))
+def mix_logp(s: UnionScores, k: int, w: float) -> np.ndarray:
+    """log P(target) = log(w p_LLM + (1 - w) q_SLM->LLM) at (k, w), per target."""
+    return linear([s.lp_large.astype(np.float64), s.lq_small[k]], [w, 1.0 - w])
 
 
 def bits_per_byte(logp: np.ndarray, nbytes: np.ndarray) -> float:
@@ -185,7 +177,7 @@ def bits_per_byte(logp: np.ndarray, nbytes: np.ndarray) -> float:
 
 def add_union_row(report, cfg, models, data, valid, *, progress: bool = True) -> None:
     """Add the union rule's teacher-forced row to a cross-tokenizer report (``arfuse eval --rule union``):
-    k from --param topk or the grid ``KS``, w given (--weight) or exact with the back-off on --valid."""
+    k from --param topk or the grid ``KS``, w given (--weight) or exact on --valid."""
     from arfuse.tasks.report import Row
 
     large, small = models
@@ -196,22 +188,14 @@ def add_union_row(report, cfg, models, data, valid, *, progress: bool = True) ->
     kw = dict(ks=ks, window=cfg.score.window, bos=cfg.score.bos, progress=progress)
     st = score_union(large, small, data, **kw)
     sv = score_union(large, small, valid, **kw) if valid is not None else st
-    if cfg.weights is not None:  # w given: only the back-off is fitted, for each k
-        w = cfg.weights[0]
-        fits = []
-        for k in ks:
-            with np.errstate(divide="ignore"):
-                rule = np.logaddexp(np.log(w) + sv.lq_large[k], np.log1p(-w) + sv.lq_small[k]) if w < 1 else \
-                    sv.lq_large[k]
-            (a, lam), _, _ = optimal_weights_em([rule, sv.lp_large])
-            fits.append({"k": k, "w": w, "lam": float(lam), "nll": -float(np.sum(mix_logp(sv, k, w, float(lam))))})
-        best = min(fits, key=lambda f: f["nll"])
-        how = f"w given (--weight); back-off weight exact on {sv.meta['data']}"
+    if cfg.weights is not None:
+        best = fit_union(sv, k_given and int(k_given), w=cfg.weights[0])["best"]
+        how = f"w given (--weight), k chosen on {sv.meta['data']}"
     else:
         best = fit_union(sv, k_given and int(k_given))["best"]
-        how = f"k, w and the back-off weight chosen on {sv.meta['data']} (exact EM for each k)"
-    k, w, lam = best["k"], best["w"], best["lam"]
-    lp = mix_logp(st, k, w, lam)
+        how = f"k and w chosen on {sv.meta['data']} (w exact for each k)"
+    k, w = best["k"], best["w"]
+    lp = mix_logp(st, k, w)
     n, nb, nw = len(lp), int(st.nbytes.sum()), int(st.nwords.sum())
     metrics = {"bits_per_byte": bits_per_byte(lp, st.nbytes), "word_ppl": math.exp(-float(lp.sum()) / max(nw, 1)),
                "token_ppl": math.exp(-float(lp.mean())), "tokens": n, "bytes": nb, "words": nw,
@@ -220,11 +204,12 @@ def add_union_row(report, cfg, models, data, valid, *, progress: bool = True) ->
     gain = 100.0 * (1.0 - metrics["bits_per_byte"] / base)
     report.rows.append(Row(f"union rule, teacher-forced (k = {k})", "rule", metrics, gain, [w, 1.0 - w]))
     ks_text = ", ".join(map(str, ks))
-    report.data["union_rule"] = {"k": k, "w": w, "backoff": lam, "ks": list(ks), "coverage": st.coverage(k),
+    report.data["union_rule"] = {"k": k, "w": w, "ks": list(ks), "coverage": st.coverage(k),
                                  "llm_bits_per_byte_same_bytes": base, "how": how, **metrics}
     report.notes.append(
-        f"union rule (k = {k}, w = {w:.6f}, back-off {lam:.3g}): {how}, k from {{{ks_text}}}; scored on "
+        f"union rule (k = {k}, w = {w:.6f}): {how}, k from {{{ks_text}}}; scored on "
         f"{large.info.name}'s {n:,} tokens ({nb:,} bytes), {small.info.name} reading the same text piece by piece "
-        f"as in generation; {100 * st.coverage(k):.1f}% of the targets are in the union, the others get the "
-        f"back-off's share of {large.info.name}'s probability; its gain is against {large.info.name} alone on the "
+        f"as in generation; {large.info.name}'s side is its own probability, {small.info.name}'s its union "
+        f"probability carried onto {large.info.name}'s tokens by string (it reaches {100 * st.coverage(k):.1f}% of "
+        f"the targets); its gain is against {large.info.name} alone on the "
         f"same bytes ({base:.4f} bits/byte)")
