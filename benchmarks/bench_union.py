@@ -136,17 +136,18 @@ def gen_union(llm, small, prompts, n_new, batch, w, k, retokenize=False) -> dict
 
     rule = build_rule([llm, small], rule="union", weight=w, topk=k)
     t0 = time.perf_counter()
-    n, align, texts = 0, 0.0, []
+    n, steps, align, texts = 0, 0, 0.0, []
     for i in range(0, len(prompts), batch):
         dec = UnionDecoder([llm, small], rule, GenerationConfig(max_new_tokens=n_new, stop_at_eos=False),
                            retokenize=retokenize)
         for _ in dec.run(prompts[i:i + batch]):
             pass
-        n += dec.stats.new_tokens
+        n += sum(len(r.token_ids) for r in dec.results)   # the text in the LLM's tokens, as for the others
+        steps += dec.stats.new_tokens
         align += dec.align_seconds
         texts += [r.text for r in dec.results]
     dt = time.perf_counter() - t0
-    return {"tokens": n, "seconds": dt, "tok_s": n / dt, "align_ms_per_token": 1000 * align / n,
+    return {"tokens": n, "union_steps": steps, "seconds": dt, "tok_s": n / dt, "align_ms_per_token": 1000 * align / n,
             "align_share": align / dt, "texts": texts[:2]}
 
 
@@ -164,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--skip-generation", action="store_true")
+    ap.add_argument("--generation-only", metavar="JSON", help="rerun (b)-(d)'s generation with the weights and k of an "
+                    "earlier run's JSON (bits per byte not recomputed); merged into --json")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if args.threads:
@@ -186,6 +189,14 @@ def main(argv=None) -> int:
         print(f"  {r['method']:<72} bpb {r['bpb']:.4f} (LLM {r['bpb_llm']:.4f})  reduction {r['reduction_pct']:+.3f}% "
               f"[{lo:+.3f}, {hi:+.3f}]  w = {r['w']:.4f}", flush=True)
 
+    if args.generation_only:
+        prev = json.loads(Path(args.generation_only).read_text())
+        out = {**prev, "threads": torch.get_num_threads()}
+        r_lin = next(r for r in prev["bits_per_byte"] if "linear rule" in r["method"])
+        best = next(r for r in prev["bits_per_byte"] if "union rule" in r["method"])
+        weak = load_model(args.weak) if args.weak else None
+        w_best = next(r for r in prev["weak_partner"]["bits_per_byte"] if "union rule" in r["method"]) if weak else None
+        return generation(args, out, llm, same, cross, weak, data, r_lin, best, w_best)
     print(f"(a) bits per byte on {data.name}, weights chosen on {valid.name}", flush=True)
     r_lin = linear_same(llm, same, valid, data, cfg)
     show(r_lin)
@@ -207,41 +218,52 @@ def main(argv=None) -> int:
         w_uni, w_best = union_rule(llm, weak, valid, data, win, ks)
         show(w_uni)
         out["weak_partner"] = {"model": weak.info.name, "window": win, "bits_per_byte": [w_seg, w_uni]}
-    if not args.skip_generation:
-        prompts = passages(args.data, args.prompts, 300)
-        w, k = best["w"], best["k"]
-        gens = {}
-        print(f"(b) generation, {args.new_tokens} new tokens per prompt, {len(prompts)} passages of {data.name}, "
-              f"union rule at k = {k}, w = {w:.4f}; linear rule at w = {r_lin['w']:.4f}", flush=True)
-        for batch in (1, 8):
-            g = gens[batch] = {
-                "llm_alone": gen(llm, None, prompts, args.new_tokens, batch),
-                "linear_same_tokenizer": gen(llm, same, prompts, args.new_tokens, batch, weight=r_lin["w"]),
-                "union": gen_union(llm, cross, prompts, args.new_tokens, batch, w, k),
-                "union_retokenize_every_step": gen_union(llm, cross, prompts, args.new_tokens, batch, w, k,
-                                                         retokenize=True),
-            }
-            base = g["llm_alone"]["tok_s"]
-            for name, v in g.items():
-                v["vs_llm_alone"] = v["tok_s"] / base
-            g["union"]["vs_retokenize"] = g["union"]["tok_s"] / g["union_retokenize_every_step"]["tok_s"]
-            print(f"  batch {batch}: " + "; ".join(f"{n} {v['tok_s']:.1f} tok/s ({v['vs_llm_alone']:.2f}x)"
-                                                   for n, v in g.items())
-                  + f"; union vs re-tokenizing loop {g['union']['vs_retokenize']:.2f}x", flush=True)
-            print(f"  (c) alignment cost, batch {batch}: {g['union']['align_ms_per_token']:.2f} ms per generated "
-                  f"token ({100 * g['union']['align_share']:.1f}% of the union rule's time)", flush=True)
-        out["generation"] = gens
-        if weak is not None:
-            wg = gen_union(llm, weak, prompts, args.new_tokens, 1, w_best["w"], w_best["k"])
-            wg["vs_llm_alone"] = wg["tok_s"] / gens[1]["llm_alone"]["tok_s"]
-            out["weak_partner"]["generation_batch1"] = wg
-            print(f"  (d) union rule with {weak.info.name}, batch 1: {wg['tok_s']:.1f} tok/s "
-                  f"({wg['vs_llm_alone']:.2f}x SmolLM2 alone)", flush=True)
+    if args.skip_generation:
+        return write(args, out)
+    return generation(args, out, llm, same, cross, weak, data, r_lin, best, w_best if weak is not None else None)
+
+
+def write(args, out: dict) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2, default=float))
         print(f"wrote {args.json}")
     return 0
+
+
+def generation(args, out, llm, same, cross, weak, data, r_lin, best, w_best) -> int:
+    prompts = passages(args.data, args.prompts, 300)
+    w, k = best["w"], best["k"]
+    gens = {}
+    print(f"(b) generation, {args.new_tokens} new tokens per prompt, {len(prompts)} passages of {data.name}, "
+          f"union rule at k = {k}, w = {w:.4f}; linear rule at w = {r_lin['w']:.4f}", flush=True)
+    gen(llm, same, prompts[:1], 4, 1, weight=r_lin["w"])   # warm-up: kernels measured, caches allocated
+    gen_union(llm, cross, prompts[:1], 4, 1, w, k)
+    for batch in (1, 8):
+        g = gens[batch] = {
+            "llm_alone": gen(llm, None, prompts, args.new_tokens, batch),
+            "linear_same_tokenizer": gen(llm, same, prompts, args.new_tokens, batch, weight=r_lin["w"]),
+            "union": gen_union(llm, cross, prompts, args.new_tokens, batch, w, k),
+            "union_retokenize_every_step": gen_union(llm, cross, prompts, args.new_tokens, batch, w, k,
+                                                     retokenize=True),
+        }
+        base = g["llm_alone"]["tok_s"]
+        for name, v in g.items():
+            v["vs_llm_alone"] = v["tok_s"] / base
+        g["union"]["vs_retokenize"] = g["union"]["tok_s"] / g["union_retokenize_every_step"]["tok_s"]
+        print(f"  batch {batch}: " + "; ".join(f"{n} {v['tok_s']:.1f} tok/s ({v['vs_llm_alone']:.2f}x)"
+                                               for n, v in g.items())
+              + f"; union vs re-tokenizing loop {g['union']['vs_retokenize']:.2f}x", flush=True)
+        print(f"  (c) alignment cost, batch {batch}: {g['union']['align_ms_per_token']:.2f} ms per generated "
+              f"token ({100 * g['union']['align_share']:.1f}% of the union rule's time)", flush=True)
+    out["generation"] = gens
+    if weak is not None:
+        wg = gen_union(llm, weak, prompts, args.new_tokens, 1, w_best["w"], w_best["k"])
+        wg["vs_llm_alone"] = wg["tok_s"] / gens[1]["llm_alone"]["tok_s"]
+        out["weak_partner"]["generation_batch1"] = wg
+        print(f"  (d) union rule with {weak.info.name}, batch 1: {wg['tok_s']:.1f} tok/s "
+              f"({wg['vs_llm_alone']:.2f}x SmolLM2 alone)", flush=True)
+    return write(args, out)
 
 
 if __name__ == "__main__":

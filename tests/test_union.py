@@ -112,3 +112,18 @@ def test_union_probs_renormalise_over_the_union():
     keys, q = union_probs([la, lb], [a, b], 4)
     assert EOS in keys[0] and set(keys[0]) == {b" the", b" cat", b"s", EOS, b" th", b"e"}
     assert torch.allclose(q.sum(-1), torch.ones(2, 1, dtype=torch.float64))
+
+
+def test_cli_generate_rule_union(tiny_models, capsys):
+    from arfuse.cli.main import main
+
+    args = ["generate", "--large", tiny_models["large"], "--small", tiny_models["othervocab"], "--rule", "union",
+            "--weight", "0.7", "--topk", "3", "--max-new-tokens", "6", "--json", "The quick brown fox"]
+    assert main(args) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    res = out[0] if isinstance(out, list) else out
+    assert res["text"] and res["finish_reason"] == "length"
+    assert main([*args[:-2], "--topk", "0", "x"]) == 2
+    assert "topk" in capsys.readouterr().err

@@ -51,6 +51,24 @@ def register(sub) -> None:
                    help="while the small model drafts, score a candidate set of likely tokens and run its whole output "
                         "layer once per cycle (candidates, default; faster), or the whole layer every step (full); "
                         "the output is the same")
+    p.add_argument("--strategy", choices=["token", "segment"], default="token",
+                   help="token: fuse the models' next-token distributions (default); segment: segment-level "
+                        "ensembling (SpecFuse), any tokenizers: each round every model drafts a segment, every model "
+                        "scores every candidate, the winner goes to all (no --weight or --rule)")
+    p.add_argument("--segment-len", type=int, metavar="L",
+                   help="--strategy segment: tokens each model drafts per round at most, cut at a word end "
+                        "(default: 10)")
+    p.add_argument("--scorer", choices=["logprob", "logit"],
+                   help="--strategy segment: a candidate's score by a model, the mean of its tokens' log-probabilities "
+                        "(logprob, default) or raw logits (logit, the released SpecFuse code's choice)")
+    p.add_argument("--hedge-rate", type=float, metavar="ETA",
+                   help="--strategy segment: a model's weight is proportional to exp(-ETA * rounds its candidate lost "
+                        "so far in this prompt) (default: 0.5)")
+    p.add_argument("--patience", type=int, metavar="N",
+                   help="--strategy segment: a model whose candidates lose N rounds in a row exits (default: never)")
+    p.add_argument("--exit", choices=["draft", "all"],
+                   help="--strategy segment with --patience: an exiting model stops drafting but still verifies "
+                        "(draft, default) or leaves entirely (all)")
     p.add_argument("--truncate", choices=["error", "left"], default="error",
                    help="a prompt too long for a model's context: refuse (default) or drop its oldest tokens")
     p.add_argument("--bos", choices=["auto", "always", "never"], default="auto", help="prepend BOS (default: auto)")
@@ -78,7 +96,9 @@ def run(args) -> int:
                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop,
                       seed=args.seed, speculative=args.speculative, truncate=args.truncate, bos=args.bos,
                       stream=True, device=args.device, dtype=args.dtype, draft=args.draft,
-                      draft_head=args.draft_head, **rule_params(args))
+                      draft_head=args.draft_head, strategy=args.strategy, segment_len=args.segment_len,
+                      scorer=args.scorer, hedge_rate=args.hedge_rate, patience=args.patience, exit=args.exit,
+                      **rule_params(args))
     out = sys.stdout
     if args.json:
         for _ in stream:
@@ -114,4 +134,6 @@ def run(args) -> int:
                     f"{s.draft_head_coverage:.1%} of drafted positions")
         print(f"{s.new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_second:.2f} tokens/s), {s.large_passes} "
               f"large-model passes, {s.rule}, {s.mode}{acc}", file=sys.stderr)
+        if hasattr(s, "describe_rounds"):   # --strategy segment
+            print(s.describe_rounds(), file=sys.stderr)
     return 0

@@ -71,7 +71,9 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: str | Sequence[str] | None = None,
              seed: int = 0, speculative: int | str | None = None, truncate: str = "error", bos: str = "auto",
              stop_at_eos: bool = True, stream: bool = False, device: str = "cpu", dtype: str = "float32",
-             fast_kernels: bool = True, draft: str = "auto", draft_head: str = "candidates", **rule_params):
+             fast_kernels: bool = True, draft: str = "auto", draft_head: str = "candidates", strategy: str = "token",
+             segment_len: int | None = None, scorer: str | None = None, hedge_rate: float | None = None,
+             patience: int | None = None, exit: str | None = None, **rule_params):
     """Generate from P = w p_LLM + (1 - w) p_SLM, or from any registered fusion rule (``rule``; its
     parameters as further keywords, e.g. ``rule="cosine", power=1.0``; a name the rule does not
     have fails with its parameters listed).
@@ -91,6 +93,14 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
     train``) (``arfuse.adapters.kernels``). ``draft_head="full"`` lets the drafting
     SLM run its whole output layer at every draft step instead of scoring a candidate set
     (``arfuse.generation.draft_head``); the output is the same.
+
+    ``strategy="segment"``: segment-level ensembling (SpecFuse, ``arfuse.generation.segment``), for
+    models with any tokenizers: each round every model drafts up to ``segment_len`` tokens (10), cut
+    at a word end; every model scores every candidate (``scorer``: "logprob", the mean token
+    log-probability, or "logit", the mean raw logit); the candidate with the highest Hedge-weighted
+    sum (``hedge_rate``, 0.5) goes to all. ``patience``: a model whose candidates lose that many
+    rounds in a row stops drafting (``exit="draft"``, default) or leaves (``exit="all"``). It takes
+    no weights, rule or speculative decoding.
     """
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            stop=list([stop] if isinstance(stop, str) else (stop or [])), seed=seed,
@@ -98,6 +108,18 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
                            stop_at_eos=stop_at_eos, fast_kernels=fast_kernels, draft=draft,
                            draft_head=draft_head)
     smalls = [] if small is None else ([small] if isinstance(small, (str, CausalLM)) else list(small))
+    seg = {k: v for k, v in {"segment_len": segment_len, "scorer": scorer, "hedge_rate": hedge_rate,
+                             "patience": patience, "exit": exit}.items() if v is not None}
+    if strategy == "segment":
+        return _generate_segments(prompt, large, smalls, cfg, seg, device=device, dtype=dtype, stream=stream,
+                                  weight=weight, weights=weights, rule=rule, rule_params=rule_params)
+    if strategy != "token":
+        raise ArfuseError(f"unknown strategy {strategy!r}: use 'token' (fuse the models' next-token distributions) "
+                          "or 'segment' (every model drafts a segment, all of them rank the candidates)")
+    if seg:
+        raise ArfuseError(f"{', '.join(seg)} {'is an option' if len(seg) == 1 else 'are options'} of the segment "
+                          "strategy: add strategy='segment' (--strategy segment), or drop "
+                          + ("it" if len(seg) == 1 else "them"))
     if get_rule(rule).weighted:  # bad weights fail before any model loads
         resolve_weights(weight, weights, 1 + len(smalls))
     models = [_load(large, device, dtype)] + [_load(s, device, dtype) for s in smalls]
@@ -111,7 +133,33 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
         from arfuse.generation.union import UnionDecoder
 
         decoder = UnionDecoder(models, fuse, cfg)
-    s = Stream(decoder, prompts)
+    return _finish(Stream(decoder, prompts), prompt, stream)
+
+
+def _generate_segments(prompt, large, smalls, cfg: GenerationConfig, seg: dict, *, device: str, dtype: str,
+                       stream: bool, weight, weights, rule: str, rule_params: dict):
+    """``generate`` with ``strategy="segment"``: options checked before any model loads."""
+    from arfuse.generation.config import SegmentOptions
+    from arfuse.generation.segment import SegmentDecoder
+
+    given = [n for n, v in (("weight (--weight)", weight), ("weights (--weights)", weights)) if v is not None]
+    if rule != "linear" or rule_params:
+        given.append(f"a fusion rule (--rule {rule}" + "".join(f", {k}" for k in rule_params) + ")")
+    if given:
+        raise ArfuseError(f"the segment strategy ranks whole segments by every model's score, with Hedge weights it "
+                          f"learns per prompt: it takes no {' or '.join(given)}; drop "
+                          + ("it" if len(given) == 1 else "them") + " (or use --strategy token)")
+    if cfg.speculative is not None:
+        raise ArfuseError("the segment strategy drafts and verifies segments itself: drop --speculative")
+    SegmentOptions(**seg).check_models(1 + len(smalls))
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ArfuseError("no prompts given: pass a string or a list of strings")
+    models = [_load(large, device, dtype)] + [_load(s, device, dtype) for s in smalls]
+    return _finish(Stream(SegmentDecoder(models, cfg, **seg), prompts), prompt, stream)
+
+
+def _finish(s: Stream, prompt, stream: bool):
     if stream:
         return s
     for _ in s:

@@ -85,3 +85,53 @@ class GenerationConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+STRATEGIES = ("token", "segment")
+SCORERS = ("logprob", "logit")
+EXITS = ("draft", "all")
+
+
+@dataclass
+class SegmentOptions:
+    """Segment-level ensembling (SpecFuse, ``arfuse.generation.segment``), validated.
+
+    segment_len: tokens each model drafts per round at most (the draft is then cut at a word end).
+    scorer: a candidate's score by one model, the mean over that model's tokens of the candidate
+    of their log-probability ("logprob") or raw logit ("logit", the released code's choice).
+    hedge_rate: eta of the Hedge weights, w_m proportional to exp(-eta * rounds model m's candidate lost).
+    patience: a model whose candidates lose this many rounds in a row exits (None: no exit);
+    exit: it then stops drafting but still verifies ("draft") or leaves entirely ("all").
+    """
+
+    segment_len: int = 10
+    scorer: str = "logprob"
+    hedge_rate: float = 0.5
+    patience: int | None = None
+    exit: str = "draft"
+
+    def __post_init__(self):
+        L = self.segment_len
+        if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+            raise ArfuseError(f"segment length {L!r} must be an integer >= 1 (tokens each model drafts per round, "
+                              "--segment-len; 10 is the paper's)")
+        if self.scorer not in SCORERS:
+            raise ArfuseError(f"scorer {self.scorer!r}: use 'logprob' (mean token log-probability of a candidate) "
+                              "or 'logit' (mean raw logit, the released SpecFuse code's choice)")
+        eta = self.hedge_rate
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (0 < eta < math.inf):
+            raise ArfuseError(f"Hedge rate {eta!r} must be a positive number (--hedge-rate, e.g. 0.5): a model's "
+                              "weight is proportional to exp(-rate * rounds its candidate lost)")
+        p = self.patience
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise ArfuseError(f"patience {p!r} must be an integer >= 1 (rounds lost in a row before a model exits, "
+                              "--patience) or None for no exit")
+        if self.exit not in EXITS:
+            raise ArfuseError(f"exit {self.exit!r}: use 'draft' (a model that keeps losing stops drafting but still "
+                              "verifies) or 'all' (it leaves the ensemble)")
+
+    def check_models(self, n_models: int) -> None:
+        """Model exit needs another model to carry on."""
+        if self.patience is not None and n_models < 2:
+            raise ArfuseError(f"model exit (patience {self.patience}) needs at least two models: a single model would "
+                              "exit from itself; give --small, or drop --patience")
