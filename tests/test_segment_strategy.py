@@ -74,12 +74,15 @@ def _from_scratch(model, prompt_ids: list[int], text: str, scorer: str) -> float
     ids = torch.tensor([prompt_ids + piece])
     logits = model.forward_logits(ids).float()[0]
     rows = logits[len(prompt_ids) - 1:-1]                  # the positions that predict the piece
-    if scorer == "logprob":
+    if scorer != "logit":
         rows = torch.log_softmax(rows, -1)
-    return rows.gather(-1, torch.tensor(piece)[:, None]).mean().item()
+    got = rows.gather(-1, torch.tensor(piece)[:, None])
+    if scorer == "byte":   # the candidate's log-probability per byte of its text
+        return got.sum().item() / len(text.encode())
+    return got.mean().item()
 
 
-@pytest.mark.parametrize("scorer", ["logprob", "logit"])
+@pytest.mark.parametrize("scorer", ["logprob", "byte", "logit"])
 def test_batched_scores_equal_each_candidate_alone(models, scorer):
     ms = [models["large"], models["othervocab"]]
     prompts = PROMPTS[:3]

@@ -58,9 +58,12 @@ def register(sub) -> None:
     p.add_argument("--segment-len", type=int, metavar="L",
                    help="--strategy segment: tokens each model drafts per round at most, cut at a word end "
                         "(default: 10)")
-    p.add_argument("--scorer", choices=["logprob", "logit"],
+    from arfuse.generation.config import SCORERS
+
+    p.add_argument("--scorer", choices=list(SCORERS),
                    help="--strategy segment: a candidate's score by a model, the mean of its tokens' log-probabilities "
-                        "(logprob, default) or raw logits (logit, the released SpecFuse code's choice)")
+                        "(logprob, default), its log-probability per byte (byte: one unit across tokenizers) or "
+                        "the mean raw logit (logit, the released SpecFuse code's choice)")
     p.add_argument("--hedge-rate", type=float, metavar="ETA",
                    help="--strategy segment: a model's weight is proportional to exp(-ETA * rounds its candidate lost "
                         "so far in this prompt) (default: 0.5)")

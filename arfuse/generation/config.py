@@ -88,7 +88,7 @@ class GenerationConfig:
 
 
 STRATEGIES = ("token", "segment")
-SCORERS = ("logprob", "logit")
+SCORERS = ("logprob", "byte", "logit")
 EXITS = ("draft", "all")
 
 
@@ -98,7 +98,8 @@ class SegmentOptions:
 
     segment_len: tokens each model drafts per round at most (the draft is then cut at a word end).
     scorer: a candidate's score by one model, the mean over that model's tokens of the candidate
-    of their log-probability ("logprob") or raw logit ("logit", the released code's choice).
+    of their log-probability ("logprob"), its log-probability per byte of the candidate ("byte": one
+    unit whatever the tokenizer) or the mean raw logit ("logit", the released code's choice).
     hedge_rate: eta of the Hedge weights, w_m proportional to exp(-eta * rounds model m's candidate lost).
     patience: a model whose candidates lose this many rounds in a row exits (None: no exit);
     exit: it then stops drafting but still verifies ("draft") or leaves entirely ("all").
@@ -116,8 +117,9 @@ class SegmentOptions:
             raise ArfuseError(f"segment length {L!r} must be an integer >= 1 (tokens each model drafts per round, "
                               "--segment-len; 10 is the paper's)")
         if self.scorer not in SCORERS:
-            raise ArfuseError(f"scorer {self.scorer!r}: use 'logprob' (mean token log-probability of a candidate) "
-                              "or 'logit' (mean raw logit, the released SpecFuse code's choice)")
+            raise ArfuseError(f"scorer {self.scorer!r}: use 'logprob' (mean token log-probability of a candidate), "
+                              "'byte' (its log-probability per byte: comparable across tokenizers) or 'logit' "
+                              "(mean raw logit, the released SpecFuse code's choice)")
         eta = self.hedge_rate
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (0 < eta < math.inf):
             raise ArfuseError(f"Hedge rate {eta!r} must be a positive number (--hedge-rate, e.g. 0.5): a model's "

@@ -7,15 +7,17 @@ verifying model scores every candidate segment in one batched pass: its cached r
 replicated once per candidate (``StepState.select`` with repeated rows), each candidate's text
 tokenized as a continuation by that model's own tokenizer (only the new text; a drafter reads
 its own tokens), right-padded, so candidates never see each other. A candidate's score by one
-model is the mean over that model's tokens of it of their log-probability (``scorer="logprob"``)
-or raw logit (``"logit"``, the released code's choice); the first token's comes from the
+model is the mean over that model's tokens of it of their log-probability (``scorer="logprob"``),
+its log-probability per byte of the candidate (``"byte"``) or the mean raw logit (``"logit"``, the
+released code's choice); the first token's comes from the
 prefix's last position, kept from the round before. Candidates are ranked by
 ``sum_m w_m score_m``, with per-prompt Hedge weights ``w_m ∝ exp(-eta * losses_m)`` (losses_m:
 rounds so far in which model m's candidate lost), normalised over the verifying models.
 
-Scales across models: mean log-probs are in one unit (nats per token of the model's own
-tokenization) and a constant per model cannot change the ranking, so they are summed as they
-are. Raw logits have no common scale; with ``scorer="logit"`` each model's scores of a row's
+Scales across models: mean log-probs are in nats per token of each model's own tokenization, so
+they are summed as they are; a model with a small vocabulary (more, likelier tokens per text)
+then speaks louder. Per byte (``"byte"``) every model's score is in one unit, nats per byte of the
+candidate, whatever its tokenizer: the segment mixture's unit. Raw logits have no common scale; with ``scorer="logit"`` each model's scores of a row's
 candidates are divided by their sum first, as the released code does (``normalize_sum_to_one``),
 when that sum is positive (left raw otherwise).
 
@@ -429,10 +431,15 @@ class SegmentDecoder:
         x = full[:, :S]
         dev = x.device
         g = x.gather(-1, tgt.to(dev)[..., None]).squeeze(-1)     # (N, S): each token's raw logit
-        if self.opts.scorer == "logprob":
+        if self.opts.scorer != "logit":
             g = g - torch.logsumexp(x, dim=-1)
         v = valid.to(dev)
-        mean = (torch.where(v, g, torch.zeros_like(g)).sum(1) / v.sum(1).clamp(min=1)).tolist()
+        if self.opts.scorer == "byte":   # per byte of the candidate: one unit whatever the tokenizer
+            tb = self.models[m].token_bytes()
+            per = torch.tensor([max(1, sum(len(tb[t] or b"") for t in s)) for s in scored], dtype=g.dtype)
+        else:
+            per = v.sum(1).clamp(min=1).to(g.dtype).cpu()
+        mean = (torch.where(v, g, torch.zeros_like(g)).sum(1).cpu() / per).tolist()
         after = full[torch.arange(N, device=dev), torch.tensor([len(s) for s in seqs], device=dev)]  # (N, V)
         scores = [None if cs is None else mean[first[j]:first[j] + len(cs)] for j, cs in enumerate(toks)]
         return scores, first, after
