@@ -206,7 +206,7 @@ def test_bad_input(models, tiny_models):
         generate(long_prompt, large=L, small=S, weight=0.5, max_new_tokens=8)
     r = generate(long_prompt, large=L, small=S, weight=0.5, max_new_tokens=8, truncate="left")
     assert r.prompt_tokens == 256 - 8 and len(r.token_ids) == 8
-    with pytest.raises(ArfuseError, match="temperature -1"):
+    with pytest.raises(ArfuseError, match=r"temperature \(--temperature\) -1"):
         generate("a", large=L, small=S, weight=0.5, temperature=-1)
     with pytest.raises(ArfuseError, match="give the LLM's weight"):
         generate("a", large=L, small=S)

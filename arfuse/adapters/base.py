@@ -314,7 +314,11 @@ def file_sha256(path, chunk: int = 1 << 22) -> str:
 
     st = os.stat(path)
     memo_dir = cache_root() / "filehash"
-    memo_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        memo_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArfuseError(f"the arfuse cache folder {cache_root()} cannot be used ({e.strerror or e}): set "
+                          "ARFUSE_CACHE=<a writable folder>") from None
     memo = memo_dir / (fingerprint_json([os.path.abspath(path), st.st_size, st.st_mtime_ns]) + ".txt")
     if memo.exists():
         return memo.read_text().strip()

@@ -1,7 +1,11 @@
 """Hugging Face causal LMs: a hub id, a local folder, or a GGUF file (dequantised to float32)."""
 from __future__ import annotations
 
+import contextlib
+import importlib
+import inspect
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,18 +47,142 @@ def gguf_converted_dir(gguf_path: Path) -> tuple[Path, str]:
     return cache_root() / "gguf" / digest[:24], digest
 
 
+# ---- GGUF files: checked before transformers reads them, converted quietly when progress is off ----
+GGUF_MAGIC = b"GGUF"
+_GGUF_FIX = "re-download it, or check the path"
+
+# whether transformers' GGUF conversion shows its progress bars: None follows standard error (a bar
+# on a terminal only); the command line sets False for --quiet
+_conversion_progress: bool | None = None
+
+
+def set_conversion_progress(enabled: bool | None) -> None:
+    """Show (True) or hide (False) the progress bars of a GGUF file's conversion, or (None, the
+    default) show them only when standard error is a terminal."""
+    global _conversion_progress
+    _conversion_progress = enabled
+
+
+def _show_conversion_progress() -> bool:
+    if _conversion_progress is not None:
+        return _conversion_progress
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed standard error
+        return False
+
+
+def _bad_gguf(path: Path, why: str) -> ArfuseError:
+    try:
+        size = f"{path.stat().st_size:,} bytes"
+    except OSError:
+        size = "size unknown"
+    return ArfuseError(f"{path}: truncated or not a GGUF file ({why}; {size}): {_GGUF_FIX}")
+
+
+def check_gguf_file(path: Path, *, deep: bool = False) -> None:
+    """Fail with the file, its size and the fix unless ``path`` is a GGUF file: it exists, is a
+    file and starts with the GGUF magic bytes; ``deep`` also reads its header and tensor table
+    (cheap: memory-mapped), which a truncated file fails."""
+    if not path.exists():
+        raise ArfuseError(f"GGUF file {path} does not exist: check the path")
+    if not path.is_file():
+        raise ArfuseError(f"{path} is a folder, not a GGUF file: give the .gguf file inside it")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise _bad_gguf(path, f"it starts with {head!r}, not the GGUF magic {GGUF_MAGIC!r}")
+    if not deep:
+        return
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # transformers reads the file itself; its failures are caught around the conversion
+        return
+    import struct
+
+    try:
+        GGUFReader(str(path))
+    except (struct.error, ValueError, IndexError, KeyError, TypeError, OverflowError, EOFError, OSError) as e:
+        # a short read (struct.error), "cannot reshape array" (tensor data cut off), ...
+        raise _bad_gguf(path, f"its header or tensors end early: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    """The exception's type and message on one line, cut to ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _gguf_conversion(path: Path):
+    """Around transformers' reading of a GGUF file: its progress bars hidden unless progress is on,
+    and its failures turned into one line naming the file."""
+    with contextlib.ExitStack() as stack:
+        if not _show_conversion_progress():
+            stack.enter_context(_no_transformers_bars())
+        try:
+            yield
+        except ArfuseError:
+            raise
+        except Exception as e:
+            import struct
+
+            if isinstance(e, (struct.error, EOFError)) or any(w in str(e) for w in ("reshape", "magic")):
+                raise _bad_gguf(path, _first_line(e)) from e
+            if isinstance(e, (MemoryError, ImportError)):
+                raise
+            # an architecture or tokenizer transformers cannot convert, a config it rejects, ...
+            raise ArfuseError(f"{path}: transformers cannot convert this GGUF file ({_first_line(e)}): give a "
+                              "GGUF of a causal LM architecture transformers supports, or the model's Hugging Face "
+                              "folder or hub id") from e
+
+
+@contextlib.contextmanager
+def _no_transformers_bars():
+    """transformers' progress bars off: its logging bars, and the GGUF module's own tqdm."""
+    from functools import partial
+
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    patched = []
+    for name in ("transformers.modeling_gguf_pytorch_utils", "transformers.integrations.gguf.reader",
+                 "transformers.integrations.ggml"):
+        mod = sys.modules.get(name)
+        if mod is None:
+            try:
+                mod = importlib.import_module(name)
+            except ImportError:
+                continue
+        bar = getattr(mod, "tqdm", None)
+        if bar is not None and not isinstance(bar, partial):
+            patched.append((mod, bar))
+            mod.tqdm = partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        for mod, bar in patched:
+            mod.tqdm = bar
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_hf_tokenizer(spec: str):
     """A Hugging Face tokenizer from a hub id, a folder, or the tokenizer inside a GGUF file."""
     from transformers import AutoTokenizer
 
     path = Path(spec)
     if path.suffix == ".gguf":
-        if not path.exists():
-            raise ArfuseError(f"GGUF file {spec} does not exist: check the path")
+        check_gguf_file(path)
         conv, _ = gguf_converted_dir(path)
         if (conv / "tokenizer_config.json").exists():
             return AutoTokenizer.from_pretrained(conv)
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        check_gguf_file(path, deep=True)
+        with _gguf_conversion(path):
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return AutoTokenizer.from_pretrained(spec)
 
 
@@ -128,20 +256,23 @@ class HFCausalLM(HFTokenizerMethods, CausalLM):
         path = Path(spec)
         identity: dict = {"spec": spec, "revision": revision}
         if path.suffix == ".gguf":
-            if not path.exists():
-                raise ArfuseError(f"GGUF file {spec} does not exist: check the path")
+            check_gguf_file(path)
             conv, digest = gguf_converted_dir(path)
             identity = {"gguf_sha256": digest}
             kind = "gguf"
             if not (conv / "config.json").exists():
-                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-                model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+                check_gguf_file(path, deep=True)
+                with _gguf_conversion(path):
+                    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                 dtype=torch.float32)
                 # the dequantised float32 weights are plain weights: save them as such
                 model.hf_quantizer = None
                 if hasattr(model.config, "quantization_config"):
                     del model.config.quantization_config
                 tmp = conv.with_name(conv.name + f".tmp{os.getpid()}")
-                model.save_pretrained(tmp)
+                with _no_transformers_bars() if not _show_conversion_progress() else contextlib.nullcontext():
+                    model.save_pretrained(tmp)
                 tok.save_pretrained(tmp)
                 if not conv.exists():
                     conv.parent.mkdir(parents=True, exist_ok=True)
@@ -223,9 +354,23 @@ class HFCausalLM(HFTokenizerMethods, CausalLM):
                                torch.zeros(B, dtype=torch.long), self.device)
         mask = torch.cat([past.mask, new_mask], dim=1)  # (B, T_past + T)
         pos = (past.next_pos[:, None] + new_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        name = self._cache_kwarg()
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.long().to(self.device),
-                         position_ids=pos.to(self.device), past_key_values=past.cache, use_cache=True)
-        return out.logits, HFStepCache(out.past_key_values, mask, past.next_pos + new_mask.long().sum(1), self.device)
+                         position_ids=pos.to(self.device), use_cache=True, **{name: past.cache})
+        cache = out["cache"] if name == "cache" else out.past_key_values
+        return out.logits, HFStepCache(cache, mask, past.next_pos + new_mask.long().sum(1), self.device)
+
+    def _cache_kwarg(self) -> str:
+        """The name the model's forward takes its KV cache by: ``cache`` in recent transformers (which
+        warns at every call that ``past_key_values`` is deprecated), ``past_key_values`` before."""
+        name = self.__dict__.get("_cache_kw")
+        if name is None:
+            try:
+                params = inspect.signature(self.model.forward).parameters
+            except (TypeError, ValueError):
+                params = {}
+            name = self.__dict__["_cache_kw"] = "cache" if "cache" in params else "past_key_values"
+        return name
 
     def forward_logits_tail(self, input_ids, n):
         try:

@@ -13,9 +13,15 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (results do not depend on it)")
 
 
+DEFAULT_WINDOW = 1024  # tokens per window when no model of the command has a shorter context
+
+
 def add_score_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--window", type=int, default=1024, help="tokens per window (default: 1024)")
-    p.add_argument("--stride", type=int, default=512, help="sliding convention: tokens between window starts (default: 512)")
+    p.add_argument("--window", type=int, default=None,
+                   help=f"tokens per window (default: {DEFAULT_WINDOW}, or the shortest context among the models "
+                        "when that is smaller, e.g. 512 for stories260k)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="sliding convention: tokens between window starts (default: half the window)")
     p.add_argument("--convention", choices=CONVENTIONS, default="sliding",
                    help="sliding: Hugging Face perplexity guide; disjoint: lm-evaluation-harness rolling windows")
     p.add_argument("--bos", choices=["auto", "always", "never"], default="auto",
@@ -25,10 +31,69 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def score_config(args):
+def _contexts(args, models) -> list[tuple[str, int]]:
+    """(name, context length) of each causal LM of ``models`` (loaded models or specs; specs of
+    causal LMs are loaded, once per process) whose context is bounded."""
+    from arfuse.adapters import head_of, load_model
+
+    out = []
+    for m in models:
+        if isinstance(m, str):
+            if head_of(m) != "causal":  # image classifiers and masked LMs read no windows
+                continue
+            m = load_model(m, device=args.device, dtype=args.dtype)
+        limit = getattr(getattr(m, "info", None), "max_length", None)
+        if limit is not None:
+            out.append((m.info.name, int(limit)))
+    return out
+
+
+def score_config(args, models=()):
+    """The ScoreConfig of the command's options, with the defaults resolved against ``models``
+    (loaded models or specs): --window is DEFAULT_WINDOW capped at the shortest context among
+    them, --stride half the window actually used. Explicit bad values fail here, naming the fix."""
+    from arfuse.errors import ArfuseError
     from arfuse.scoring.scorer import ScoreConfig
 
-    return ScoreConfig(window=args.window, stride=args.stride, convention=args.convention, bos=args.bos, topk=args.topk)
+    sliding = args.convention == "sliding"
+    low = 2 if sliding else 1
+    if args.window is not None:
+        window, why = args.window, ""
+        if window < low:
+            raise ArfuseError(f"--window {window} is too small: give at least {low} tokens"
+                              + (" with the sliding convention" if sliding else "")
+                              + f" (or leave --window out for the default, {DEFAULT_WINDOW} capped at the models' "
+                                "context)")
+        ctx = _contexts(args, models) if models else []
+        for name, limit in ctx:
+            if window > limit:
+                raise ArfuseError(f"--window {window} exceeds {name}'s context of {limit} tokens: use --window "
+                                  f"{limit} or less (or leave --window out: the default fits the models)")
+    else:
+        ctx = _contexts(args, models) if models else []
+        window = min([DEFAULT_WINDOW] + [c for _, c in ctx])
+        short = [n for n, c in ctx if c == window]
+        why = f" (the default window: {short[0]}'s context)" if short and window < DEFAULT_WINDOW \
+            else " (the default window)"
+        if window < low:
+            raise ArfuseError(f"{short[0] if short else 'the model'} has a context of {window} token(s), too short "
+                              "for the sliding convention: use --convention disjoint")
+    if args.stride is None:
+        stride = max(1, window // 2)
+    else:
+        stride = args.stride
+        if sliding and not 1 <= stride <= window:
+            raise ArfuseError(f"--stride {stride} must be between 1 and the window, {window}{why}: give "
+                              f"--stride {max(1, window // 2)} (half the window), or leave --stride out"
+                              + (", or a larger --window" if stride > window and args.window is not None
+                                 and all(window < c for _, c in ctx) else ""))
+    if args.topk < 1:
+        raise ArfuseError(f"--topk {args.topk} must be at least 1: give e.g. --topk 32 (the default)")
+    bs = getattr(args, "batch_size", 1)
+    if bs is not None and bs < 1:
+        raise ArfuseError(f"--batch-size {bs} must be at least 1: give e.g. --batch-size 4 (results do not "
+                          "depend on it)")
+    return ScoreConfig(window=window, stride=stride, convention=args.convention, bos=args.bos, topk=args.topk)
 
 
 def _rule_options() -> dict[str, list]:

@@ -38,7 +38,8 @@ def run(args) -> int:
 
     cfg = EvalConfig(large=args.large, smalls=args.small, data=args.data, valid=args.valid,
                      weights=resolve_weights(args.weight, args.weights, 1 + len(args.small)),
-                     rule=args.rule, rule_params=rule_params(args), score=score_config(args), objective=args.objective,
+                     rule=args.rule, rule_params=rule_params(args), objective=args.objective,
+                     score=score_config(args, [args.large, *args.small]),  # defaults fit the models' context
                      device=args.device, dtype=args.dtype, batch_size=args.batch_size, use_cache=not args.no_cache)
     report = evaluate(cfg, progress=not args.quiet)
     print_report(report, json_out=args.json, plot=args.plot)

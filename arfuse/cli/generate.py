@@ -102,6 +102,10 @@ def run(args) -> int:
                       draft_head=args.draft_head, strategy=args.strategy, segment_len=args.segment_len,
                       scorer=args.scorer, hedge_rate=args.hedge_rate, patience=args.patience, exit=args.exit,
                       **rule_params(args))
+    # every prompt's length against every model's context before anything is echoed or run
+    check = getattr(stream.decoder, "check_prompts", None)
+    if check is not None:
+        check(prompts)
     out = sys.stdout
     if args.json:
         for _ in stream:

@@ -33,7 +33,7 @@ def run(args) -> int:
     specs = [s.strip() for s in args.family.split(",") if s.strip()]
     if len(specs) < 2:
         raise ArfuseError(f"--family needs at least 2 models separated by commas, got {len(specs)}: {args.family!r}")
-    members, data = family_members(specs, args.data, score_config(args), device=args.device, dtype=args.dtype,
+    members, data = family_members(specs, args.data, score_config(args, specs), device=args.device, dtype=args.dtype,
                                    batch_size=args.batch_size, use_cache=not args.no_cache, progress=not args.quiet)
     rep = analyse_family(members, data, mainstay_top=args.mainstay_top)
     rep.data["command"] = "arfuse law --family " + args.family + " --data " + args.data

@@ -25,7 +25,7 @@ def run(args) -> int:
 
     data = load_dataset(args.data)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    cfg = score_config(args)
+    cfg = score_config(args, [model])
     rec = score(model, data, cfg, batch_size=args.batch_size, use_cache=not args.no_cache, progress=not args.quiet)
     m = perplexity_metrics(rec.logp, rec.nbytes, rec.nchars, rec.nwords)
     out = {"model": model.info.name, "num_parameters": model.num_parameters, "data": data.name,

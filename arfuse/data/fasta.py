@@ -7,11 +7,13 @@ model, and every batch size, sees the same masks.
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from arfuse.data.text import read_text
 from arfuse.errors import ArfuseError, did_you_mean
 from arfuse.paths import shared_data_root
 
@@ -56,20 +58,19 @@ def read_fasta(path: str | Path) -> list[FastaRecord]:
     records: list[FastaRecord] = []
     cur: list[str] | None = None
     header = ""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith(";"):
-                continue
-            if line.startswith(">"):
-                if cur is not None:
-                    records.append(_record(header, cur, path))
-                header, cur = line[1:].strip(), []
-            elif cur is None:
-                raise ArfuseError(f"{path}:{lineno}: sequence data before the first '>' header: "
-                                  "a FASTA file starts each record with a '>name' line")
-            else:
-                cur.append("".join(line.split()))
+    for lineno, line in enumerate(io.StringIO(read_text(path)), 1):   # lines split at "\n" only, as open() does
+        line = line.strip()
+        if not line or line.startswith(";"):
+            continue
+        if line.startswith(">"):
+            if cur is not None:
+                records.append(_record(header, cur, path))
+            header, cur = line[1:].strip(), []
+        elif cur is None:
+            raise ArfuseError(f"{path}:{lineno}: sequence data before the first '>' header: "
+                              "a FASTA file starts each record with a '>name' line")
+        else:
+            cur.append("".join(line.split()))
     if cur is not None:
         records.append(_record(header, cur, path))
     if not records:

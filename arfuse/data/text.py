@@ -64,9 +64,9 @@ def _bound(tok: str, n: int, text: str, name: str) -> int:
         if not 0 <= frac <= 1:
             raise ArfuseError(f"slice bound {tok!r} in {name!r} is outside 0%..100%")
         pos = int(round(frac * n))
-        if 0 < pos < n:  # snap to the next line start
+        if 0 < pos < n:  # snap to the next line start (none after it: the offset itself)
             nl = text.find("\n", pos - 1)
-            pos = n if nl < 0 else nl + 1
+            pos = pos if nl < 0 else nl + 1
         return pos
     try:
         v = int(tok)
@@ -75,12 +75,54 @@ def _bound(tok: str, n: int, text: str, name: str) -> int:
     return max(0, min(n, v if v >= 0 else n + v))
 
 
+def not_utf8_error(path: str | Path, data: bytes, *, what: str = "") -> ArfuseError:
+    """The error for a file whose bytes ``data`` are not UTF-8: the file, the line and byte offset
+    of the first bad bytes, those bytes, and the fix. ``what`` qualifies the offset (e.g. "of the
+    decompressed text")."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start, end = e.start, e.end
+    else:  # not reached for bytes that failed to decode; kept total for callers
+        return ArfuseError(f"{path}: cannot be read as UTF-8 text: convert it to UTF-8")
+    line = data.count(b"\n", 0, start) + 1
+    bad = data[start:min(end, start + 8)]
+    where = f"{path}: not UTF-8 text: byte offset {start:,}{' ' + what if what else ''} (line {line:,}) holds {bad!r}"
+    head = data[:8192]
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        fix = (f"it starts with a UTF-16 byte-order mark, so it is UTF-16 text: convert it to UTF-8, e.g. "
+               f"iconv -f utf-16 -t utf-8 {path} > converted.txt")
+    elif b"\x00" in head:
+        fix = "it holds NUL bytes, so it looks like a binary file, not text: give a text or .jsonl file"
+    else:
+        fix = (f"convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8 {path} > converted.txt, with its real "
+               "encoding after -f), or it is not a text file: give a text one")
+    return ArfuseError(f"{where}: {fix}")
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's text (newlines as ``open`` reads them); a file that is not UTF-8 fails
+    with its name, the byte offset and the bad bytes (``not_utf8_error``)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise not_utf8_error(path, path.read_bytes()) from None
+
+
 def read_jsonl(path: str | Path):
     """(``path:line``, object) for every non-blank line of a JSON-lines file; a line that is not
-    JSON fails with its place and the fix."""
+    JSON, or a file that is not UTF-8, fails with its place and the fix."""
     path = Path(path)
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+        lines = enumerate(f, 1)
+        while True:
+            try:
+                lineno, line = next(lines)
+            except StopIteration:
+                return
+            except UnicodeDecodeError:
+                raise not_utf8_error(path, path.read_bytes()) from None
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -101,8 +143,16 @@ def _read_file(path: Path) -> list[str]:
     if path.suffix == ".bz2":
         import bz2
 
-        return [bz2.open(path, "rt", encoding="utf-8").read()]
-    return [path.read_text(encoding="utf-8")]
+        try:
+            with bz2.open(path, "rt", encoding="utf-8") as f:
+                return [f.read()]
+        except UnicodeDecodeError:
+            with bz2.open(path, "rb") as f:
+                raise not_utf8_error(path, f.read(), what="of the decompressed text") from None
+        except (OSError, EOFError) as e:
+            raise ArfuseError(f"{path}: not a complete bzip2 file ({e}): re-download it, or decompress it "
+                              "yourself and give the text file") from None
+    return [read_text(path)]
 
 
 def load_dataset(spec: str) -> Dataset:
@@ -111,6 +161,11 @@ def load_dataset(spec: str) -> Dataset:
     m = _SLICE.match(spec)
     if m and not Path(spec).exists():
         base, a_tok, b_tok = m["base"], m["a"], m["b"]
+    elif not m and spec.endswith("]") and "[" in spec and not Path(spec).exists():
+        head, tail = spec[:spec.rindex("[")], spec[spec.rindex("["):]
+        if Path(head).expanduser().exists() or head in NAMED:
+            raise ArfuseError(f"{spec!r}: the slice {tail!r} is malformed: give [a:b] with character offsets or "
+                              f"percentages, either side may be empty, e.g. {head}[90%:95%] or {head}[:2000]")
     path = Path(base).expanduser()
     description = ""
     if path.exists():

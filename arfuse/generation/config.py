@@ -48,13 +48,13 @@ class GenerationConfig:
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ArfuseError(f"max_new_tokens {self.max_new_tokens!r} must be an integer >= 1")
+            raise ArfuseError(f"max_new_tokens (--max-new-tokens) {self.max_new_tokens!r} must be an integer >= 1")
         if not self.temperature >= 0 or math.isinf(self.temperature):
-            raise ArfuseError(f"temperature {self.temperature} must be >= 0 (0 is greedy decoding)")
+            raise ArfuseError(f"temperature (--temperature) {self.temperature} must be >= 0 (0 is greedy decoding)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ArfuseError(f"top_p {self.top_p} must be in (0, 1] (1 keeps the whole distribution)")
+            raise ArfuseError(f"top_p (--top-p) {self.top_p} must be in (0, 1] (1 keeps the whole distribution)")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ArfuseError(f"top_k {self.top_k!r} must be an integer >= 0 (0 keeps every token)")
+            raise ArfuseError(f"top_k (--top-k) {self.top_k!r} must be an integer >= 0 (0 keeps every token)")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not s for s in self.stop):

@@ -48,9 +48,30 @@ class Decoder:
                                      mode="greedy" if config.greedy else "sampling")
         self.results: list[GenerationResult] = []
         self._rows: list[Row] = []
+        self._checked: tuple[list[str], list[list[list[int]]]] | None = None
 
     # ---- prompts -------------------------------------------------------------------------
-    def _prompt_ids(self, model: CausalLM, text: str) -> list[int]:
+    def check_prompts(self, prompts: Sequence[str]) -> list[list[list[int]]]:
+        """Every model's token ids of every prompt, ``[model][prompt]``, each checked against that
+        model's context (``truncate="left"`` drops the oldest tokens) and the models' tokenizations
+        compared, before any model runs: a prompt too long fails at once, not after a prefill.
+        ``run`` calls it; a caller may call it first (the CLI, before echoing the prompt)."""
+        prompts = list(prompts)
+        if self._checked is not None and self._checked[0] == prompts:
+            return self._checked[1]
+        n = len(prompts)
+        ids = [[self._prompt_ids(m, p, "prompt" if n == 1 else f"prompt {i + 1} of {n}")
+                for i, p in enumerate(prompts)] for m in self.models]
+        lasts = [[s[-1] for s in seqs] for seqs in ids]
+        for m, ls in zip(self.models[1:], lasts[1:]):
+            if ls != lasts[0]:
+                raise ArfuseError(f"the models tokenize the prompt differently ({self.models[0].info.name} and "
+                                  f"{m.info.name}): token-level fusion needs one tokenizer (the same vocabulary "
+                                  "and merges)")
+        self._checked = (prompts, ids)
+        return ids
+
+    def _prompt_ids(self, model: CausalLM, text: str, label: str = "prompt") -> list[int]:
         ids = model.encode(text).ids
         bos = [model.bos_id] if model.uses_bos(self.cfg.bos) else []
         limit = model.info.max_length
@@ -63,28 +84,25 @@ class Decoder:
                 ids = ids[len(ids) - room:]
             else:
                 raise ArfuseError(
-                    f"prompt of {len(bos) + len(ids):,} tokens plus {c.max_new_tokens} new tokens exceeds "
-                    f"{model.info.name}'s context of {limit:,} tokens: shorten the prompt, lower max_new_tokens, "
-                    + ("" if c.truncate == "left" else "or pass truncate='left' (--truncate left) to drop "
+                    f"{label} ({len(bos) + len(ids):,} tokens) plus {c.max_new_tokens} new tokens"
+                    + (f" and {headroom} drafts" if headroom else "")
+                    + f" exceeds {model.info.name}'s context of {limit:,} tokens: shorten the prompt, lower "
+                    "max_new_tokens (--max-new-tokens)"
+                    + ("" if c.truncate == "left" else ", or pass truncate='left' (--truncate left) to drop "
                        "the prompt's oldest tokens"))
         if not bos + ids:
-            raise ArfuseError("the prompt is empty and the model adds no BOS token: give some text (or --bos always)")
+            raise ArfuseError(f"the {label} is empty and the model adds no BOS token: give some text "
+                              "(or --bos always)")
         return bos + ids
 
     def _prefill(self, states: list[ModelState], prompts: list[str],
                  head: DraftHead | None) -> tuple[torch.Tensor, list[Row]]:
         """Feed every model its prompts but the last token, left-padded; the last tokens (B,) and
         each prompt's row."""
-        last, contexts = None, []
-        for i, (m, st) in enumerate(zip(self.models, states)):
-            seqs = [self._prompt_ids(m, p) for p in prompts]
-            lasts = torch.tensor([s[-1] for s in seqs])
-            if last is None:
-                last, contexts = lasts, seqs
-            elif not torch.equal(last, lasts):
-                raise ArfuseError(f"the models tokenize the prompt differently ({self.models[0].info.name} and "
-                                  f"{m.info.name}): token-level fusion needs one tokenizer (the same vocabulary "
-                                  "and merges)")
+        all_ids = self.check_prompts(prompts)   # every length checked before any model runs
+        contexts = all_ids[0]
+        last = torch.tensor([s[-1] for s in contexts])
+        for i, (st, seqs) in enumerate(zip(states, all_ids)):
             width = max(len(s) - 1 for s in seqs)
             if not width:
                 continue
@@ -111,6 +129,8 @@ class Decoder:
         """Chunks of every prompt's text as cycles commit tokens; ``results`` and ``stats`` at the end."""
         cfg = self.cfg
         start = time.perf_counter()
+        prompts = list(prompts)
+        self.check_prompts(prompts)
         states = [ModelState(m) for m in self.models]
         drafter = make_drafter(self.draft, cfg) if cfg.speculative is not None else None
         head = self._draft_head(drafter, len(prompts))

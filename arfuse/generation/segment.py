@@ -165,9 +165,11 @@ class SegmentDecoder:
         self._scratch = [TextExtender(m) for m in self.models]
         self._tb = [m.token_bytes() for m in self.models]
         self._few_row = None
+        self._checked: tuple[list[str], list[list[list[int]]]] | None = None
 
     # ---- helpers shared with the union decoder -----------------------------------------------
     _prompt_ids = UnionDecoder._prompt_ids
+    check_prompts = UnionDecoder.check_prompts   # every prompt's length against every context, before any call
     _kernels = UnionDecoder._kernels
     _left_pad = staticmethod(UnionDecoder._left_pad)
 
@@ -216,7 +218,7 @@ class SegmentDecoder:
     def _start(self, prompts: list[str]) -> tuple[list[ModelState], list[torch.Tensor], list[_Row]]:
         """Every model fed its prompts (left-padded): states, last logits (B, V) per model, rows."""
         K = len(self.models)
-        self.prompt_ids = [[self._prompt_ids(model, p) for p in prompts] for model in self.models]
+        self.prompt_ids = self.check_prompts(prompts)   # every length checked before any model runs
         self.fed_ids = [[[] for _ in prompts] for _ in self.models]
         self.cache_tokens: list[list[int | None]] = [[None] * len(prompts) for _ in self.models]
         states = [ModelState(model) for model in self.models]

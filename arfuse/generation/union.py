@@ -75,9 +75,25 @@ class UnionDecoder:
         self.align_seconds = 0.0              # the union rule and the extension, outside the model calls
         self.results: list[GenerationResult] = []
         self._few_row = None
+        self._checked: tuple[list[str], list[list[list[int]]]] | None = None
 
     # ---- prompts -------------------------------------------------------------------------
-    def _prompt_ids(self, model: CausalLM, text: str) -> list[int]:
+    def check_prompts(self, prompts: Sequence[str]) -> list[list[list[int]]]:
+        """Every model's token ids of every prompt, ``[model][prompt]``, each checked against that
+        model's context (``truncate="left"`` drops the oldest tokens) before any model runs: a prompt
+        too long for any model fails at once. ``run`` calls it; a caller may call it first (the CLI,
+        before echoing the prompt)."""
+        prompts = list(prompts)
+        checked = getattr(self, "_checked", None)
+        if checked is not None and checked[0] == prompts:
+            return checked[1]
+        n = len(prompts)
+        ids = [[self._prompt_ids(m, p, "prompt" if n == 1 else f"prompt {i + 1} of {n}")
+                for i, p in enumerate(prompts)] for m in self.models]
+        self._checked = (prompts, ids)
+        return ids
+
+    def _prompt_ids(self, model: CausalLM, text: str, label: str = "prompt") -> list[int]:
         ids = model.encode(text).ids
         bos = [model.bos_id] if model.uses_bos(self.cfg.bos) else []
         limit = model.info.max_length
@@ -87,11 +103,13 @@ class UnionDecoder:
                 ids = ids[len(ids) - room:]
             else:
                 raise ArfuseError(
-                    f"prompt of {len(bos) + len(ids):,} tokens plus {self.cfg.max_new_tokens} new tokens exceeds "
-                    f"{model.info.name}'s context of {limit:,} tokens: shorten the prompt, lower max_new_tokens"
-                    + ("" if self.cfg.truncate == "left" else ", or pass truncate='left' (--truncate left)"))
+                    f"{label} ({len(bos) + len(ids):,} tokens) plus {self.cfg.max_new_tokens} new tokens exceeds "
+                    f"{model.info.name}'s context of {limit:,} tokens: shorten the prompt, lower max_new_tokens "
+                    "(--max-new-tokens)"
+                    + ("" if self.cfg.truncate == "left" else ", or pass truncate='left' (--truncate left) to drop "
+                       "the prompt's oldest tokens"))
         if not bos + ids:
-            raise ArfuseError(f"the prompt is empty and {model.info.name} adds no BOS token: give some text "
+            raise ArfuseError(f"the {label} is empty and {model.info.name} adds no BOS token: give some text "
                               "(or --bos always)")
         return bos + ids
 
@@ -137,12 +155,8 @@ class UnionDecoder:
         start = time.perf_counter()
         prompts = list(prompts)
         states = [ModelState(m) for m in self.models]
-        lps: list[torch.Tensor] = []
-        contexts = []
-        for m, (model, st) in enumerate(zip(self.models, states)):
-            seqs = [self._prompt_ids(model, p) for p in prompts]
-            contexts.append(seqs)
-            lps.append(self._feed(m, st, seqs, None))
+        contexts = self.check_prompts(prompts)   # every length checked before any model runs
+        lps: list[torch.Tensor] = [self._feed(m, st, seqs, None) for m, (st, seqs) in enumerate(zip(states, contexts))]
         rows = [_Row(i, p, len(contexts[0][i]), cfg.seed + i, len(self.models)) for i, p in enumerate(prompts)]
         for m in range(len(self.models)):
             for r in rows:

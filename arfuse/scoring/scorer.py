@@ -8,7 +8,7 @@ import torch
 
 from arfuse.adapters.base import CausalLM
 from arfuse.errors import ArfuseError
-from arfuse.scoring.cache import ScoreCache
+from arfuse.scoring.cache import ScoreCache, cache_warning, resume_note
 from arfuse.scoring.records import TokenRecords
 from arfuse.scoring.windows import Window, plan_windows
 from arfuse.data.text import Dataset
@@ -137,8 +137,11 @@ def score(model: CausalLM, dataset: Dataset, cfg: ScoreConfig = ScoreConfig(), *
           use_cache: bool = True, progress: bool = True, load: bool = True) -> TokenRecords | None:
     """Per-token records of ``model`` on ``dataset``, scored once and cached.
 
-    An interrupted run resumes from its last finished chunk. With ``load=False`` nothing
-    is kept in memory (for filling the cache of a corpus of any length).
+    An interrupted run resumes from its last finished chunk (saying so on stderr unless
+    ``progress=False``); a damaged cache entry is rescored with a warning. A cache folder that
+    cannot be written is an ArfuseError before any scoring; a write that fails later is a
+    warning and the records are kept in memory. With ``load=False`` nothing is kept in memory
+    (for filling the cache of a corpus of any length).
     """
     if batch_size < 1:
         raise ArfuseError(f"--batch-size must be at least 1, got {batch_size}")
@@ -166,6 +169,12 @@ def score(model: CausalLM, dataset: Dataset, cfg: ScoreConfig = ScoreConfig(), *
                 done = None
                 break
             done.append(rec)
+        want = cache.manifest.get("summary", {}).get("targets")
+        if done is not None and want is not None and sum(map(len, done)) != want:
+            cache_warning(f"score cache {cache.dir} holds {sum(map(len, done)):,} records where its manifest "
+                          f"promises {want:,}: rescoring")
+            cache.manifest.update(chunks={}, complete=False)
+            done = None
         if done is not None:
             return TokenRecords.concat(done, meta=meta)
     docs = prepare_docs(model, dataset, bos)
@@ -188,11 +197,14 @@ def score(model: CausalLM, dataset: Dataset, cfg: ScoreConfig = ScoreConfig(), *
         from arfuse.progress import token_progress
 
         done_targets = total - sum(sum(w.n_targets for _, w in chunks[i]) for i in todo)
+        resume_note(len(chunks) - len(todo), len(chunks), done_targets, total, "tokens", enabled=progress)
         with token_progress(f"scoring {dataset.name} with {model.info.name}", total, done_targets, enabled=progress) as advance:
             for i in todo:
                 rec = _score_windows(model, docs, chunks[i], k, batch_size)
-                if cache:
-                    cache.save_chunk(i, rec)
+                if cache and not cache.save_chunk(i, rec) and not load:
+                    raise ArfuseError(f"the score cache folder {cache.dir} cannot be written, and with load=False "
+                                      "nothing else keeps the records: free the space or set "
+                                      "ARFUSE_CACHE=<a writable folder>")
                 if load:
                     parts.append((i, rec))
                 advance(len(rec))

@@ -43,7 +43,8 @@ def mixture_nll(lp_large: np.ndarray, lp_small: np.ndarray, w: float) -> float:
 
 def _grad_hess(e: np.ndarray, w: float) -> tuple[float, float]:
     g = (1.0 - e) / (w + (1.0 - w) * e)
-    return -float(g.sum()), float((g * g).sum())
+    with np.errstate(over="ignore"):  # at w = 0 a position the SLM gives ~0 squares past float range:
+        return -float(g.sum()), float((g * g).sum())   # the Hessian is inf there, only g's sign is used
 
 
 def optimal_weight(lp_large: np.ndarray, lp_small: np.ndarray, tol: float = 1e-12, max_iter: int = 200) -> OptimumResult:

@@ -21,13 +21,14 @@ continuation; with one tokenizer each segment is one token). Its w is taken on a
 """
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from arfuse.data.text import read_jsonl
+from arfuse.data.text import read_jsonl, read_text
 from arfuse.errors import ArfuseError
 from arfuse.fusion.registry import Rule
 
@@ -87,45 +88,44 @@ def read_cbt(path: str | Path, limit: int | None = None) -> list[MCExample]:
     out: list[MCExample] = []
     sents: list[str] = []
     start = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.rstrip("\n")
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                if sents:
-                    raise ArfuseError(f"{where}: blank line inside an example (after {len(sents)} context lines; "
-                                      "each example has 20 context lines and a query line 21)")
-                continue
-            m = _CBT_LINE.match(line)
-            if not m:
-                raise ArfuseError(f"{where}: a CBT line starts with its number and a space, got {line[:40]!r}")
-            num, body = int(m[1]), m[2]
-            if num != len(sents) + 1:
-                raise ArfuseError(f"{where}: line number {num} where {len(sents) + 1} was expected")
-            if not sents:
-                start = lineno
-            if num < 21:
-                sents.append(body)
-                continue
-            parts = body.split("\t")
-            if len(parts) != 4 or parts[2] != "":
-                raise ArfuseError(f"{where}: the query line needs 'query<TAB>answer<TAB><TAB>c1|c2|...', "
-                                  f"got {len(parts)} tab-separated fields")
-            query, answer, _, cands = parts
-            options = [c for c in cands.split("|") if c]
-            if len(options) < 2:
-                raise ArfuseError(f"{where}: {len(options)} candidate: multiple choice needs at least 2")
-            if answer not in options:
-                raise ArfuseError(f"{where}: the answer {answer!r} is not among the candidates")
-            if query.count("XXXXX") != 1:
-                raise ArfuseError(f"{where}: the query must hold XXXXX exactly once (the missing word)")
-            pre, post = query.split("XXXXX")
-            context = " ".join(sents) + " " + pre
-            texts = [c + post for c in options]
-            out.append(MCExample(f"{path.name}:{start}", context, texts, texts, options.index(answer), where))
-            sents = []
-            if limit is not None and len(out) >= limit:
-                break
+    for lineno, raw in enumerate(io.StringIO(read_text(path)), 1):   # lines split at "\n" only, as open() does
+        line = raw.rstrip("\n")
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            if sents:
+                raise ArfuseError(f"{where}: blank line inside an example (after {len(sents)} context lines; "
+                                  "each example has 20 context lines and a query line 21)")
+            continue
+        m = _CBT_LINE.match(line)
+        if not m:
+            raise ArfuseError(f"{where}: a CBT line starts with its number and a space, got {line[:40]!r}")
+        num, body = int(m[1]), m[2]
+        if num != len(sents) + 1:
+            raise ArfuseError(f"{where}: line number {num} where {len(sents) + 1} was expected")
+        if not sents:
+            start = lineno
+        if num < 21:
+            sents.append(body)
+            continue
+        parts = body.split("\t")
+        if len(parts) != 4 or parts[2] != "":
+            raise ArfuseError(f"{where}: the query line needs 'query<TAB>answer<TAB><TAB>c1|c2|...', "
+                              f"got {len(parts)} tab-separated fields")
+        query, answer, _, cands = parts
+        options = [c for c in cands.split("|") if c]
+        if len(options) < 2:
+            raise ArfuseError(f"{where}: {len(options)} candidate: multiple choice needs at least 2")
+        if answer not in options:
+            raise ArfuseError(f"{where}: the answer {answer!r} is not among the candidates")
+        if query.count("XXXXX") != 1:
+            raise ArfuseError(f"{where}: the query must hold XXXXX exactly once (the missing word)")
+        pre, post = query.split("XXXXX")
+        context = " ".join(sents) + " " + pre
+        texts = [c + post for c in options]
+        out.append(MCExample(f"{path.name}:{start}", context, texts, texts, options.index(answer), where))
+        sents = []
+        if limit is not None and len(out) >= limit:
+            break
     if sents:
         raise ArfuseError(f"{path}: the file ends inside an example starting at line {start} (no query line 21)")
     if not out:
