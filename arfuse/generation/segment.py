@@ -46,7 +46,7 @@ from arfuse.generation.config import GenerationConfig, SegmentOptions
 from arfuse.generation.results import Chunk, GenerationResult, GenerationStats
 from arfuse.generation.sampling import sample, transform
 from arfuse.generation.state import ModelState
-from arfuse.generation.union import UnionDecoder
+from arfuse.generation.text_decoder import TextDecoder
 
 WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
 DRAFT, VERIFY, OUT = "draft", "verify", "out"   # a model's part in a prompt's rounds
@@ -128,7 +128,7 @@ class _Row:
         return GenerationResult(self.prompt, self.text, self.ids, self.reason, self.prompt_tokens)
 
 
-class SegmentDecoder:
+class SegmentDecoder(TextDecoder):
     """Segment-level ensembling of ``models`` (the LLM first; any tokenizers) under ``config``
     (max_new_tokens, sampling, stop strings, EOS, seed, truncate, bos). ``run`` yields a chunk per
     prompt per round; ``results`` and ``stats`` (``SegmentStats``) once it is exhausted.
@@ -164,15 +164,8 @@ class SegmentDecoder:
         self._rows: list[_Row] = []
         self._scratch = [TextExtender(m) for m in self.models]
         self._tb = [m.token_bytes() for m in self.models]
-        self._few_row = None
-        self._checked: tuple[list[str], list[list[list[int]]]] | None = None
 
-    # ---- helpers shared with the union decoder -----------------------------------------------
-    _prompt_ids = UnionDecoder._prompt_ids
-    check_prompts = UnionDecoder.check_prompts   # every prompt's length against every context, before any call
-    _kernels = UnionDecoder._kernels
-    _left_pad = staticmethod(UnionDecoder._left_pad)
-
+    # ---- output ---------------------------------------------------------------------------
     def _chunk(self, row: _Row) -> Chunk | None:
         """The row's new text that is certain (an incomplete character, or a possible start of a stop
         string, waits while the row goes on), with the LLM's tokens of its last segment."""

@@ -11,7 +11,6 @@ text at every step (``retokenize=True`` reproduces that loop for the benchmark).
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator, Sequence
 
@@ -25,6 +24,7 @@ from arfuse.generation.config import GenerationConfig
 from arfuse.generation.results import Chunk, GenerationResult, GenerationStats
 from arfuse.generation.sampling import sample, transform
 from arfuse.generation.state import ModelState
+from arfuse.generation.text_decoder import TextDecoder
 
 
 def _text(data: bytes) -> str:
@@ -53,7 +53,7 @@ class _Row:
         return GenerationResult(self.prompt, self.text, self.ids, self.reason, self.prompt_tokens)
 
 
-class UnionDecoder:
+class UnionDecoder(TextDecoder):
     """Generates with a bound ``UnionRule`` from ``models`` (the LLM first), any tokenizers.
 
     ``fed_tokens[m]`` counts the tokens model m was fed (prompts included): with the incremental
@@ -74,65 +74,6 @@ class UnionDecoder:
         self.unfed = [0] * len(self.models)   # tokens of each row's last piece: extended, never needed as input
         self.align_seconds = 0.0              # the union rule and the extension, outside the model calls
         self.results: list[GenerationResult] = []
-        self._few_row = None
-        self._checked: tuple[list[str], list[list[list[int]]]] | None = None
-
-    # ---- prompts -------------------------------------------------------------------------
-    def check_prompts(self, prompts: Sequence[str]) -> list[list[list[int]]]:
-        """Every model's token ids of every prompt, ``[model][prompt]``, each checked against that
-        model's context (``truncate="left"`` drops the oldest tokens) before any model runs: a prompt
-        too long for any model fails at once. ``run`` calls it; a caller may call it first (the CLI,
-        before echoing the prompt)."""
-        prompts = list(prompts)
-        checked = getattr(self, "_checked", None)
-        if checked is not None and checked[0] == prompts:
-            return checked[1]
-        n = len(prompts)
-        ids = [[self._prompt_ids(m, p, "prompt" if n == 1 else f"prompt {i + 1} of {n}")
-                for i, p in enumerate(prompts)] for m in self.models]
-        self._checked = (prompts, ids)
-        return ids
-
-    def _prompt_ids(self, model: CausalLM, text: str, label: str = "prompt") -> list[int]:
-        ids = model.encode(text).ids
-        bos = [model.bos_id] if model.uses_bos(self.cfg.bos) else []
-        limit = model.info.max_length
-        if limit is not None and len(bos) + len(ids) + self.cfg.max_new_tokens > limit:
-            room = limit - self.cfg.max_new_tokens - len(bos)
-            if self.cfg.truncate == "left" and room >= 1:
-                ids = ids[len(ids) - room:]
-            else:
-                raise ArfuseError(
-                    f"{label} ({len(bos) + len(ids):,} tokens) plus {self.cfg.max_new_tokens} new tokens exceeds "
-                    f"{model.info.name}'s context of {limit:,} tokens: shorten the prompt, lower max_new_tokens "
-                    "(--max-new-tokens)"
-                    + ("" if self.cfg.truncate == "left" else ", or pass truncate='left' (--truncate left) to drop "
-                       "the prompt's oldest tokens"))
-        if not bos + ids:
-            raise ArfuseError(f"the {label} is empty and {model.info.name} adds no BOS token: give some text "
-                              "(or --bos always)")
-        return bos + ids
-
-    def _kernels(self):
-        """Every model's few-row kernels switched on (``arfuse.adapters.kernels``), made once per run."""
-        if self._few_row is None:
-            unique = list({id(m): m for m in self.models}.values())
-            self._few_row = [m.fast_kernels() for m in unique] if self.cfg.fast_kernels else []
-        stack = contextlib.ExitStack()
-        for k in self._few_row:
-            stack.enter_context(k.active())
-        return stack
-
-    @staticmethod
-    def _left_pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-        for b, s in enumerate(seqs):
-            if s:
-                ids[b, width - len(s):] = torch.tensor(s)
-                mask[b, width - len(s):] = True
-        return ids, mask
 
     def _feed(self, m: int, state: ModelState, seqs: list[list[int]], last: torch.Tensor | None) -> torch.Tensor:
         """Feed model m each row's new tokens; its next-token log-probs per row (B, V), a row fed
