@@ -24,11 +24,12 @@ from arfuse.generation.draft_length import DraftLength
 from arfuse.generation.drafters import DRAFTERS, Drafter, Plan, make_drafter
 from arfuse.generation.results import Chunk, GenerationResult, GenerationStats, Row, commit
 from arfuse.generation.state import ModelState
+from arfuse.generation.text_decoder import TextDecoder
 
 __all__ = ["Chunk", "Decoder", "GenerationResult", "GenerationStats"]
 
 
-class Decoder:
+class Decoder(TextDecoder):
     """Generates from the fused distribution of ``models`` (the LLM first) under ``rule``, a callable
     from the models' log-probs to the fused ones with a ``describe()``. The caller has checked that
     the rule can fuse these models (one tokenizer for a token-level rule)."""
@@ -56,44 +57,19 @@ class Decoder:
         model's context (``truncate="left"`` drops the oldest tokens) and the models' tokenizations
         compared, before any model runs: a prompt too long fails at once, not after a prefill.
         ``run`` calls it; a caller may call it first (the CLI, before echoing the prompt)."""
-        prompts = list(prompts)
-        if self._checked is not None and self._checked[0] == prompts:
-            return self._checked[1]
-        n = len(prompts)
-        ids = [[self._prompt_ids(m, p, "prompt" if n == 1 else f"prompt {i + 1} of {n}")
-                for i, p in enumerate(prompts)] for m in self.models]
+        ids = super().check_prompts(prompts)
         lasts = [[s[-1] for s in seqs] for seqs in ids]
         for m, ls in zip(self.models[1:], lasts[1:]):
             if ls != lasts[0]:
                 raise ArfuseError(f"the models tokenize the prompt differently ({self.models[0].info.name} and "
                                   f"{m.info.name}): token-level fusion needs one tokenizer (the same vocabulary "
                                   "and merges)")
-        self._checked = (prompts, ids)
         return ids
 
-    def _prompt_ids(self, model: CausalLM, text: str, label: str = "prompt") -> list[int]:
-        ids = model.encode(text).ids
-        bos = [model.bos_id] if model.uses_bos(self.cfg.bos) else []
-        limit = model.info.max_length
+    def _headroom(self) -> int:
+        """Sampling drafts past max_new_tokens in the last cycle (its surplus is dropped)."""
         c = self.cfg
-        # sampling drafts past max_new_tokens in the last cycle (its surplus is dropped)
-        headroom = 0 if c.speculative is None or c.greedy else (c.max_draft if c.speculative == "auto" else c.speculative)
-        if limit is not None and len(bos) + len(ids) + c.max_new_tokens + headroom > limit:
-            room = limit - c.max_new_tokens - headroom - len(bos)
-            if c.truncate == "left" and room >= 1:
-                ids = ids[len(ids) - room:]
-            else:
-                raise ArfuseError(
-                    f"{label} ({len(bos) + len(ids):,} tokens) plus {c.max_new_tokens} new tokens"
-                    + (f" and {headroom} drafts" if headroom else "")
-                    + f" exceeds {model.info.name}'s context of {limit:,} tokens: shorten the prompt, lower "
-                    "max_new_tokens (--max-new-tokens)"
-                    + ("" if c.truncate == "left" else ", or pass truncate='left' (--truncate left) to drop "
-                       "the prompt's oldest tokens"))
-        if not bos + ids:
-            raise ArfuseError(f"the {label} is empty and the model adds no BOS token: give some text "
-                              "(or --bos always)")
-        return bos + ids
+        return 0 if c.speculative is None or c.greedy else (c.max_draft if c.speculative == "auto" else c.speculative)
 
     def _prefill(self, states: list[ModelState], prompts: list[str],
                  head: DraftHead | None) -> tuple[torch.Tensor, list[Row]]:

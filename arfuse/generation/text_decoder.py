@@ -38,20 +38,27 @@ class TextDecoder:
         self._checked = (prompts, ids)
         return ids
 
+    def _headroom(self) -> int:
+        """Positions a row may use past max_new_tokens (speculative sampling's last drafts)."""
+        return 0
+
     def _prompt_ids(self, model: CausalLM, text: str, label: str = "prompt") -> list[int]:
         ids = model.encode(text).ids
         bos = [model.bos_id] if model.uses_bos(self.cfg.bos) else []
         limit = model.info.max_length
-        if limit is not None and len(bos) + len(ids) + self.cfg.max_new_tokens > limit:
-            room = limit - self.cfg.max_new_tokens - len(bos)
-            if self.cfg.truncate == "left" and room >= 1:
+        c = self.cfg
+        headroom = self._headroom()
+        if limit is not None and len(bos) + len(ids) + c.max_new_tokens + headroom > limit:
+            room = limit - c.max_new_tokens - headroom - len(bos)
+            if c.truncate == "left" and room >= 1:
                 ids = ids[len(ids) - room:]
             else:
                 raise ArfuseError(
-                    f"{label} ({len(bos) + len(ids):,} tokens) plus {self.cfg.max_new_tokens} new tokens exceeds "
-                    f"{model.info.name}'s context of {limit:,} tokens: shorten the prompt, lower max_new_tokens "
-                    "(--max-new-tokens)"
-                    + ("" if self.cfg.truncate == "left" else ", or pass truncate='left' (--truncate left) to drop "
+                    f"{label} ({len(bos) + len(ids):,} tokens) plus {c.max_new_tokens} new tokens"
+                    + (f" and {headroom} drafts" if headroom else "")
+                    + f" exceeds {model.info.name}'s context of {limit:,} tokens: shorten the prompt, lower "
+                    "max_new_tokens (--max-new-tokens)"
+                    + ("" if c.truncate == "left" else ", or pass truncate='left' (--truncate left) to drop "
                        "the prompt's oldest tokens"))
         if not bos + ids:
             raise ArfuseError(f"the {label} is empty and {model.info.name} adds no BOS token: give some text "
