@@ -1,0 +1,216 @@
+"""GGUF files run by llama.cpp (llama-cpp-python): the quantised weights used as they are, on the CPU.
+
+The spec is ``llamacpp:PATH.gguf`` or ``llamacpp:NAME`` for a short name (``llamacpp:smollm2-135m``);
+a plain ``.gguf`` path still loads with transformers (dequantised to float32). Text is tokenised
+by the same Hugging Face tokenizer the transformers backend converts from the GGUF file, so
+token ids, character offsets, ``tokenizer_fingerprint`` and ``token_bytes`` are identical between
+the two backends (llama.cpp's own tokenizer gives the same ids on the texts tests/test_llamacpp.py
+tries); only the logits differ, by the quantised arithmetic. Scores are cached apart from the
+transformers backend's: ``info.kind`` is "llamacpp" and the identity names the engine.
+
+llama.cpp runs one sequence per context: ``forward_logits`` feeds the batch rows one by one through
+one scoring context; ``forward_step`` gives each batch row a context of its own (a ``Llama`` object:
+the weights are memory-mapped once by the OS, each context adds its KV cache), whose KV cache is
+trimmed on rollback.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from arfuse.adapters.base import CausalLM, ModelInfo, StepState
+from arfuse.adapters.hf import (
+    HFTokenizerMethods,
+    check_gguf_file,
+    file_sha256,
+    load_hf_tokenizer,
+)
+from arfuse.errors import ArfuseError
+
+PREFIX = "llamacpp:"
+INSTALL_HINT = ("the llama.cpp backend needs llama-cpp-python: pip install -e '.[llamacpp]' "
+                "(compiles llama.cpp, several minutes)")
+DEFAULT_N_CTX = 2048   # the scorer's default window (1024) and a generation after it
+
+
+def is_llamacpp_spec(spec: str) -> bool:
+    return spec.strip().lower().startswith(PREFIX)
+
+
+def _import_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise ArfuseError(INSTALL_HINT) from e
+    return llama_cpp
+
+
+def load_llamacpp(spec: str, *, device: str = "cpu", dtype: str = "float32", name: str | None = None,
+                  n_ctx: int | None = None, n_threads: int | None = None, **_) -> LlamaCppLM:
+    """The loader of ``llamacpp:PATH.gguf`` / ``llamacpp:NAME`` specs (arfuse.adapters.registry)."""
+    from arfuse.adapters.aliases import resolve_alias
+
+    rest = spec.strip()[len(PREFIX):]
+    if not rest:
+        raise ArfuseError(f"{spec!r}: give a GGUF file or a short name after {PREFIX} (e.g. llamacpp:smollm2-135m)")
+    alias = resolve_alias(rest)
+    path = alias or str(Path(rest).expanduser())
+    if Path(path).suffix != ".gguf":
+        raise ArfuseError(f"{spec}: the llama.cpp backend loads .gguf files only (give llamacpp:PATH.gguf)")
+    if device not in ("cpu", "auto"):
+        raise ArfuseError(f"the llama.cpp backend runs on the CPU here: use --device cpu (not {device!r}) with {spec}")
+    if dtype != "float32":
+        raise ArfuseError(f"{spec}: llama.cpp computes with the GGUF file's own weights and gives float32 logits: "
+                          f"drop --dtype {dtype} (or use --dtype float32)")
+    return LlamaCppLM(path, name=name or (f"{PREFIX}{rest}" if alias else f"{PREFIX}{Path(path).name}"),
+                      n_ctx=n_ctx, n_threads=n_threads)
+
+
+class LlamaCppState(StepState):
+    """One llama.cpp context per batch row; each context's ``n_tokens`` is that row's real length.
+    ``fed[b]`` says, for each position fed to row b since the last rollback, whether it was a real
+    token (padding is never fed to the context)."""
+
+    def __init__(self, contexts: list):
+        self.contexts = contexts
+        self.fed: list[list[bool]] = [[] for _ in contexts]
+
+    def rollback(self, n_fed: int, keep: torch.Tensor) -> None:
+        for llm, k, fed in zip(self.contexts, keep.tolist(), self.fed):
+            tail = fed[len(fed) - n_fed:] if n_fed else []
+            drop = sum(tail[int(k):])
+            if drop:
+                llm.n_tokens -= drop   # Llama.eval also removes the KV cells from n_tokens on
+                _trim_kv(llm)
+        self.fed = [[] for _ in self.contexts]
+
+    def select(self, rows: torch.Tensor) -> None:
+        idx = rows.tolist()
+        self.contexts = [self.contexts[i] for i in idx]
+        self.fed = [self.fed[i] for i in idx]
+
+
+def _trim_kv(llm) -> None:
+    """Drop the KV cells past ``llm.n_tokens`` now (``Llama.eval`` does it too, before its next batch)."""
+    ctx = llm._ctx
+    for name in ("memory_seq_rm", "kv_cache_seq_rm"):
+        fn = getattr(ctx, name, None)
+        if fn is not None:
+            if fn(-1, llm.n_tokens, -1) is False:
+                raise ArfuseError("llama.cpp cannot drop the last tokens of this model's memory (a recurrent or "
+                                  "sliding-window cache): the llama.cpp backend cannot roll it back")
+            return
+
+
+class LlamaCppLM(HFTokenizerMethods, CausalLM):
+    """A GGUF causal LM run by llama.cpp, tokenised by the transformers backend's tokenizer."""
+
+    def __init__(self, path: str, *, name: str | None = None, n_ctx: int | None = None,
+                 n_threads: int | None = None):
+        llama_cpp = _import_llama_cpp()
+        gguf = Path(path)
+        check_gguf_file(gguf)
+        self.path = str(gguf)
+        self.n_ctx = int(n_ctx or DEFAULT_N_CTX)
+        self.n_threads = int(n_threads or torch.get_num_threads())
+        self.tokenizer = load_hf_tokenizer(self.path)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ArfuseError(f"{path}: arfuse needs a fast (Rust) tokenizer for character offsets; none is available")
+        self._llama_cls = llama_cpp.Llama
+        self._scorer = self._new_context()
+        llm = self._scorer
+        self.bos_id = self.tokenizer.bos_token_id
+        self.eos_id = self.tokenizer.eos_token_id
+        self.default_add_bos = bool(getattr(self.tokenizer, "add_bos_token", False))
+        n_vocab = int(llm.n_vocab())
+        n_ctx_train = int(llm._model.n_ctx_train())
+        self.info = ModelInfo(
+            name=name or f"{PREFIX}{gguf.name}",
+            kind="llamacpp",
+            num_parameters=int(llm._model.n_params()),
+            vocab_size=n_vocab,
+            max_length=min(self.n_ctx, n_ctx_train) if n_ctx_train > 0 else self.n_ctx,
+            identity={"gguf_sha256": file_sha256(gguf), "engine": "llama.cpp",
+                      "llama_cpp_python": getattr(llama_cpp, "__version__", None)},
+        )
+
+    def _new_context(self):
+        import llama_cpp.llama_cpp as lowlevel
+
+        default = lowlevel.llama_model_default_params
+
+        def params():
+            p = default()
+            # no weight repacking: llama-cpp-python 0.3.36 built natively (AVX-512, AMX) crashed in its
+            # first decode with repacked Q4_1 weights here; the plain CPU buffers run correctly
+            p.use_extra_bufts = False
+            return p
+
+        lowlevel.llama_model_default_params = params   # what Llama.__init__ calls, for this load only
+        try:
+            return self._llama_cls(model_path=self.path, n_ctx=self.n_ctx, n_threads=self.n_threads,
+                                   n_threads_batch=self.n_threads, logits_all=True, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise ArfuseError(f"{self.path}: llama.cpp cannot load this GGUF file ({e})") from e
+        finally:
+            lowlevel.llama_model_default_params = default
+
+    # ---- running sequences through a context ------------------------------------------
+    def _feed(self, llm, ids: list[int]) -> np.ndarray:
+        """Logits (n, V) float32 of ``ids`` fed after the context's ``n_tokens`` tokens."""
+        start = llm.n_tokens
+        if start + len(ids) > self.n_ctx:
+            raise ArfuseError(f"{self.info.name}: {start + len(ids)} tokens exceed the llama.cpp context of "
+                              f"{self.n_ctx} (load it with a larger n_ctx)")
+        llm.eval(ids)
+        return llm.scores[start:start + len(ids)]
+
+    def _row_logits(self, ids: list[int], n: int) -> torch.Tensor:
+        """The last ``n`` positions' logits (n, V) of one sequence, from a fresh start."""
+        llm = self._scorer
+        llm.reset()
+        _trim_kv(llm)
+        if not ids:
+            return torch.zeros(0, self.info.vocab_size)
+        out = self._feed(llm, ids)
+        return torch.from_numpy(np.array(out[len(ids) - n:], dtype=np.float32))
+
+    @torch.no_grad()
+    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        out = torch.zeros(B, T, self.info.vocab_size)
+        real = None if attention_mask is None else attention_mask.bool().cpu()
+        for b in range(B):
+            row = input_ids[b].tolist()
+            if real is None:
+                out[b] = self._row_logits(row, T)
+            else:  # only the real tokens are fed; padding positions stay zero
+                ids = [t for t, r in zip(row, real[b].tolist()) if r]
+                out[b, real[b]] = self._row_logits(ids, len(ids))
+        return out
+
+    @torch.no_grad()
+    def forward_logits_tail(self, input_ids: torch.Tensor, n: int) -> torch.Tensor:
+        return torch.stack([self._row_logits(row, n) for row in input_ids.tolist()])
+
+    @torch.no_grad()
+    def forward_step(self, input_ids: torch.Tensor, past: LlamaCppState | None = None,
+                     attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LlamaCppState]:
+        B, T = input_ids.shape
+        real = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
+        if past is None:
+            past = LlamaCppState([self._new_context() for _ in range(B)])
+        out = torch.zeros(B, T, self.info.vocab_size)
+        for b, llm in enumerate(past.contexts):
+            flags = real[b].tolist()
+            new = [int(t) for t, r in zip(input_ids[b].tolist(), flags) if r]
+            if new:
+                out[b, real[b]] = torch.from_numpy(np.array(self._feed(llm, new), dtype=np.float32))
+            past.fed[b].extend(flags)
+        return out, past
+
+    def llama_tokenize(self, text: str) -> list[int]:
+        """llama.cpp's own token ids of ``text`` (no BOS, special tokens not parsed): for comparison only."""
+        return list(self._scorer.tokenize(text.encode(), add_bos=False, special=False))
