@@ -1,0 +1,308 @@
+"""llama.cpp against transformers, alone and inside arfuse (issue 19): one run, the same text and prompts.
+
+1. Scoring tokens/s on --score-data with disjoint windows of --window tokens (each window: its input
+   tokens, one target per input token; BOS never):
+     - llama.cpp alone: llama.cpp's own tokenizer, each window evaluated in a reset context with
+       logits for every position, log-softmax of the targets in numpy (no arfuse)
+     - arfuse score() with the llama.cpp backend (use_cache=False)
+     - arfuse score() with the transformers backend (use_cache=False)
+   and each engine's token perplexity on that text (llama.cpp against transformers, relative).
+2. Generation tokens/s at batch 1, greedy, --new-tokens new tokens (EOS suppressed everywhere) on
+   --prompts passages of --passage-chars characters of --passages (bench_generate.passages):
+     - llama.cpp alone: Llama.create_completion(prompt token ids, max_tokens, temperature=0,
+       repeat_penalty=1, EOS masked by a logits processor), reset context, model already loaded
+     - arfuse, llama.cpp backend alone; fused with --slm at --weight (plain, speculative="auto")
+     - arfuse, transformers backend alone; fused speculative="auto"
+   methods interleaved prompt by prompt, one warm-up call each before timing.
+
+The llama.cpp contexts of "llama.cpp alone" come from the adapter's own helper
+(LlamaCppLM._new_context: use_extra_bufts=False, logits_all=True), since a plain Llama(...) on
+SmolLM2's Q4_1 GGUF crashes in its first eval in this llama-cpp-python build.
+
+Usage: python benchmarks/bench_engines.py --threads 2 --json benchmarks/results/engines.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def log_softmax_targets(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64, copy=False)
+    m = x.max(axis=1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(x - m).sum(axis=1))
+    return x[np.arange(len(targets)), targets] - lse
+
+
+def llamacpp_alone_score(llm, text: str, window: int) -> tuple[int, float, float]:
+    """(targets, seconds, mean NLL): llama.cpp tokenization, reset context per disjoint window."""
+    from arfuse.adapters.llamacpp import _trim_kv
+
+    t0 = time.perf_counter()
+    ids = np.array(llm.tokenize(text.encode(), add_bos=False, special=False), dtype=np.int64)
+    nll, n = 0.0, 0
+    a = 0
+    while a + 1 < len(ids):
+        inp = ids[a:a + window]
+        tgt = ids[a + 1:a + window + 1]
+        inp = inp[:len(tgt)]
+        llm.reset()
+        _trim_kv(llm)
+        llm.eval(inp.tolist())
+        lp = log_softmax_targets(np.asarray(llm.scores[:len(inp)]), tgt)
+        nll -= lp.sum()
+        n += len(tgt)
+        a += window
+    return n, time.perf_counter() - t0, nll / n
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llamacpp", default="llamacpp:smollm2-135m")
+    ap.add_argument("--large", default="smollm2-135m", help="the transformers backend's model")
+    ap.add_argument("--slm", default="runs/kjv-slm")
+    ap.add_argument("--weight", type=float, default=0.9399, help="w (chosen on kjv[90%%:95%%], results/union.json)")
+    ap.add_argument("--score-data", default="kjv[95%:95.5%]")
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--passages", default="kjv[95%:]")
+    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--passage-chars", type=int, default=300)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads and llama.cpp threads")
+    ap.add_argument("--json", help="write every number here (and the printed text next to it, .txt)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+
+    import llama_cpp
+    import transformers
+    from bench_generate import passages
+
+    from arfuse.adapters import load_model
+    from arfuse.adapters.llamacpp import _trim_kv, load_llamacpp
+    from arfuse.data.text import load_dataset
+    from arfuse.generation.api import generate
+    from arfuse.scoring.scorer import ScoreConfig, score
+
+    report: dict = {"command": "python benchmarks/bench_engines.py " + " ".join(
+                        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+                    "threads": args.threads, "torch": torch.__version__, "transformers": transformers.__version__,
+                    "llama_cpp_python": llama_cpp.__version__, "weight": args.weight, "slm": args.slm}
+    problems: list[str] = []
+    lc = load_llamacpp(args.llamacpp, n_threads=args.threads)
+    tf = load_model(args.large)
+    slm = load_model(args.slm)
+    raw = lc._new_context()   # "llama.cpp alone": the adapter's context helper, used directly
+    report["models"] = {"llamacpp": lc.info.name, "llamacpp_gguf": lc.path, "transformers": tf.info.name,
+                        "slm": slm.info.name}
+    log(f"loaded {lc.info.name}, {tf.info.name}, {slm.info.name}")
+
+    # ---- 1. scoring ---------------------------------------------------------------------------------
+    ds = load_dataset(args.score_data)
+    text = "\n".join(ds.documents)
+    cfg = ScoreConfig(window=args.window, convention="disjoint", bos="never")
+    warm = text[:2000]
+    llamacpp_alone_score(raw, warm, args.window)        # warm-ups
+    small = load_dataset("kjv[95%:95.05%]")
+    score(lc, small, cfg, use_cache=False, progress=False)
+    score(tf, small, cfg, use_cache=False, progress=False)
+    sc = {}
+    n, sec, nll = llamacpp_alone_score(raw, text, args.window)
+    sc["llama.cpp alone"] = {"tokens": n, "seconds": sec, "nll": nll}
+    log(f"scoring: llama.cpp alone {n / sec:.1f} tokens/s")
+    for key, m in (("arfuse, llama.cpp backend", lc), ("arfuse, transformers backend", tf)):
+        t0 = time.perf_counter()
+        rec = score(m, ds, cfg, use_cache=False, progress=False)
+        sec = time.perf_counter() - t0
+        sc[key] = {"tokens": len(rec), "seconds": sec, "nll": float(-np.mean(rec.logp.astype(np.float64)))}
+        sc[key]["_logp"] = rec.logp.astype(np.float64)
+        log(f"scoring: {key} {len(rec) / sec:.1f} tokens/s")
+    for v in sc.values():
+        v["tokens_per_s"] = v["tokens"] / v["seconds"]
+        v["perplexity"] = math.exp(v["nll"])
+    base_s = sc["llama.cpp alone"]["tokens_per_s"]
+    tf_s = sc["arfuse, transformers backend"]["tokens_per_s"]
+    for v in sc.values():
+        v["x_llamacpp_alone"] = v["tokens_per_s"] / base_s
+        v["x_transformers"] = v["tokens_per_s"] / tf_s
+    a, b = sc["arfuse, llama.cpp backend"].pop("_logp"), sc["arfuse, transformers backend"].pop("_logp")
+    ppl_lc, ppl_tf = sc["arfuse, llama.cpp backend"]["perplexity"], sc["arfuse, transformers backend"]["perplexity"]
+    same = len(a) == len(b)
+    report["scoring"] = {
+        "data": args.score_data, "window": args.window, "convention": "disjoint", "bos": "never", "rows": sc,
+        "ppl_rel_diff_llamacpp_vs_transformers": (ppl_lc - ppl_tf) / ppl_tf,
+        "ppl_rel_diff_llamacpp_alone_vs_transformers": (sc["llama.cpp alone"]["perplexity"] - ppl_tf) / ppl_tf,
+        "same_token_count_arfuse_vs_llamacpp_tokenizer": sc["llama.cpp alone"]["tokens"] == len(a),
+        "per_token_logp_abs_diff_llamacpp_vs_transformers": (
+            {"mean": float(np.mean(np.abs(a - b))), "max": float(np.max(np.abs(a - b)))} if same else None)}
+
+    # ---- 2. generation, batch 1 ----------------------------------------------------------------------
+    prompts = passages(args.passages, args.prompts, args.passage_chars)
+    nn, w = args.new_tokens, args.weight
+    eos = lc.eos_id
+    mask_eos = llama_cpp.LogitsProcessorList([lambda ids, s: (s.__setitem__(eos, -np.inf), s)[1]]) if eos is not None else None
+
+    def lc_alone(p):
+        ids = lc.encode(p).ids
+        raw.reset()
+        _trim_kv(raw)
+        t0 = time.perf_counter()
+        out = raw.create_completion(ids, max_tokens=nn, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                                    repeat_penalty=1.0, logits_processor=mask_eos, stop=[])
+        dt = time.perf_counter() - t0
+        return out["usage"]["completion_tokens"], dt, out["choices"][0]["text"], None
+
+    def ours(large, small=None, **kw):
+        def fn(p):
+            t0 = time.perf_counter()
+            r = generate(p, large=large, small=small, weight=w if small is not None else None, max_new_tokens=nn,
+                         stop_at_eos=False, **kw)
+            dt = time.perf_counter() - t0
+            return len(r.token_ids), dt, r.text, r.stats
+        return fn
+
+    methods = {
+        "llama.cpp alone (create_completion)": lc_alone,
+        "arfuse, llama.cpp LLM alone": ours(lc),
+        f"arfuse, llama.cpp LLM + kjv-slm fused (w={w})": ours(lc, slm),
+        f"arfuse, llama.cpp LLM + kjv-slm fused, speculative=auto": ours(lc, slm, speculative="auto"),
+        "arfuse, transformers LLM alone": ours(tf),
+        f"arfuse, transformers LLM + kjv-slm fused, speculative=auto": ours(tf, slm, speculative="auto"),
+    }
+    tot = {k: [0, 0.0] for k in methods}
+    texts = {k: [] for k in methods}
+    stats = {k: [] for k in methods}
+    errors = {}
+    for k, fn in methods.items():   # one warm-up call each
+        try:
+            fn(prompts[0])
+        except Exception as e:  # noqa: BLE001 -- a mixed-engine failure is a finding, not a crash
+            errors[k] = f"{type(e).__name__}: {e}"
+            problems.append(f"{k}: {errors[k]}")
+            log(f"ERROR in warm-up of {k}: {errors[k]}")
+    for i, p in enumerate(prompts):
+        for k, fn in methods.items():
+            if k in errors:
+                continue
+            try:
+                ntok, dt, txt, st = fn(p)
+            except Exception as e:  # noqa: BLE001
+                errors[k] = f"{type(e).__name__}: {e}"
+                problems.append(f"{k}: {errors[k]}")
+                continue
+            tot[k][0] += ntok
+            tot[k][1] += dt
+            texts[k].append(txt)
+            if st is not None:
+                stats[k].append(st)
+            log(f"  prompt {i + 1}: {k}: {ntok / dt:.2f} tokens/s")
+    gen = {}
+    for k, (ntok, sec) in tot.items():
+        if k in errors:
+            gen[k] = {"error": errors[k]}
+            continue
+        gen[k] = {"tokens": ntok, "seconds": sec, "tokens_per_s": ntok / sec}
+        st = stats[k]
+        if st and any(x.drafted for x in st):
+            gen[k]["acceptance_rate"] = sum(x.accepted for x in st) / max(1, sum(x.drafted for x in st))
+            gen[k]["tokens_per_llm_pass"] = ntok / max(1, sum(x.large_passes for x in st))
+    A = gen["llama.cpp alone (create_completion)"].get("tokens_per_s")
+    E = gen["arfuse, transformers LLM alone"].get("tokens_per_s")
+    for v in gen.values():
+        if "tokens_per_s" in v:
+            v["x_llamacpp_alone"] = v["tokens_per_s"] / A if A else None
+            v["x_transformers_alone"] = v["tokens_per_s"] / E if E else None
+    # same greedy continuations?
+    agree = {}
+    ref = texts["llama.cpp alone (create_completion)"]
+    for k in ("arfuse, llama.cpp LLM alone", "arfuse, transformers LLM alone"):
+        if texts[k] and ref:
+            agree[k] = [x == y for x, y in zip(texts[k], ref)]
+    fk = [k for k in methods if "llama.cpp LLM + kjv-slm fused (" in k][0]
+    for k in methods:
+        if "speculative" in k and texts[k] and k.startswith("arfuse, llama.cpp") and texts[fk]:
+            agree[f"{k} vs llama.cpp fused plain"] = [x == y for x, y in zip(texts[k], texts[fk])]
+    report["generation"] = {"prompts": f"{len(prompts)} passages of {args.passage_chars} characters from {args.passages}",
+                            "prompt_texts": prompts, "new_tokens": nn, "decoding": "greedy, EOS suppressed",
+                            "batch": 1, "rows": gen, "same_text_as_reference": agree,
+                            "texts": {k: v for k, v in texts.items()}}
+
+    # ---- goals ---------------------------------------------------------------------------------------
+    r_score = sc["arfuse, llama.cpp backend"]["x_llamacpp_alone"]
+    r_dec = gen["arfuse, llama.cpp LLM alone"].get("x_llamacpp_alone")
+    r_spec = gen["arfuse, llama.cpp LLM + kjv-slm fused, speculative=auto"].get("x_llamacpp_alone")
+    report["goals"] = [
+        {"goal": "arfuse on llama.cpp scores at >= 0.9x llama.cpp alone", "ratio": r_score, "met": r_score >= 0.9},
+        {"goal": "arfuse on llama.cpp decodes SmolLM2 alone at >= 0.9x llama.cpp alone", "ratio": r_dec,
+         "met": r_dec is not None and r_dec >= 0.9},
+        {"goal": "arfuse fused speculative (llama.cpp LLM) >= 1.0x llama.cpp alone at batch 1", "ratio": r_spec,
+         "met": r_spec is not None and r_spec >= 1.0},
+    ]
+    report["problems"] = problems
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_report(report)
+    print(out.getvalue(), end="")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, default=str))
+        path.with_suffix(".txt").write_text(out.getvalue())
+        print(f"written: {path} and {path.with_suffix('.txt')}")
+    return 0
+
+
+def print_report(r: dict) -> None:
+    s = r["scoring"]
+    print(f"# llama.cpp vs transformers (issue 19)\n\n{r['models']['llamacpp']} ({Path(r['models']['llamacpp_gguf']).name}) "
+          f"and {r['models']['transformers']} (transformers, float32); SLM {r['models']['slm']}, w = {r['weight']}; "
+          f"{r['threads']} thread(s); llama-cpp-python {r['llama_cpp_python']}, torch {r['torch']}, "
+          f"transformers {r['transformers']}")
+    print(f"\n## Scoring: {s['data']}, disjoint windows of {s['window']}, BOS never\n")
+    print("| engine | tokens | seconds | tokens/s | x llama.cpp alone | x transformers | perplexity |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for k, v in s["rows"].items():
+        print(f"| {k} | {v['tokens']} | {v['seconds']:.2f} | {v['tokens_per_s']:.1f} | {v['x_llamacpp_alone']:.3f} | "
+              f"{v['x_transformers']:.3f} | {v['perplexity']:.4f} |")
+    d = s["per_token_logp_abs_diff_llamacpp_vs_transformers"]
+    print(f"\nperplexity, llama.cpp vs transformers (both through arfuse): {100 * s['ppl_rel_diff_llamacpp_vs_transformers']:+.3f}%; "
+          f"llama.cpp alone vs transformers: {100 * s['ppl_rel_diff_llamacpp_alone_vs_transformers']:+.3f}%; "
+          f"same target count with llama.cpp's tokenizer: {s['same_token_count_arfuse_vs_llamacpp_tokenizer']}"
+          + (f"; per-token |logp| difference mean {d['mean']:.4f}, max {d['max']:.4f}" if d else ""))
+    g = r["generation"]
+    print(f"\n## Generation: batch 1, {g['decoding']}, {g['new_tokens']} new tokens, {g['prompts']}\n")
+    print("| method | tokens | seconds | tokens/s | x llama.cpp alone | x transformers alone | acceptance | tokens/LLM pass |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for k, v in g["rows"].items():
+        if "error" in v:
+            print(f"| {k} | error: {v['error'][:200]} | | | | | | |")
+            continue
+        acc = f"{v['acceptance_rate']:.3f}" if v.get("acceptance_rate") is not None else "-"
+        tpp = f"{v['tokens_per_llm_pass']:.2f}" if v.get("tokens_per_llm_pass") is not None else "-"
+        print(f"| {k} | {v['tokens']} | {v['seconds']:.2f} | {v['tokens_per_s']:.2f} | {v['x_llamacpp_alone']:.3f} | "
+              f"{v['x_transformers_alone']:.3f} | {acc} | {tpp} |")
+    print("\nsame greedy text as the reference (per prompt): " + "; ".join(
+        f"{k}: {v}" for k, v in g["same_text_as_reference"].items()) + " (reference: llama.cpp alone unless named)")
+    print("\n## Issue 19 goals\n")
+    for x in r["goals"]:
+        ratio = f"{x['ratio']:.3f}x" if x["ratio"] is not None else "n/a"
+        print(f"- {x['goal']}: {ratio} -> {'MET' if x['met'] else 'NOT MET'}")
+    if r["problems"]:
+        print("\nproblems: " + "; ".join(r["problems"]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
