@@ -162,6 +162,29 @@ def test_greedy_generation_matches_transformers(models):
         assert float(top2[0] - top2[1]) < 0.5, (prompt, i, float(top2[0] - top2[1]))
 
 
+@needs_both
+def test_generation_reuses_idle_contexts(models, monkeypatch):
+    """A second generation takes its contexts from the pool the first one left (no GGUF reload), emptied:
+    the same prompts give the same tokens; a strategy that copies rows is refused."""
+    import gc
+
+    from arfuse.generation.api import generate
+
+    _, lc = models
+    first = [r.token_ids for r in generate(PROMPTS, large=lc, max_new_tokens=8)]
+    gc.collect()
+    assert len(lc._pool) >= len(PROMPTS)
+    loads = []
+    monkeypatch.setattr(lc, "_new_context", lambda: loads.append(1))
+    second = [r.token_ids for r in generate(PROMPTS, large=lc, max_new_tokens=8)]
+    assert second == first and loads == []
+    from arfuse.adapters.llamacpp import LlamaCppState
+
+    st = LlamaCppState([object(), object()])
+    with pytest.raises(ArfuseError, match="cannot copy a row"):
+        st.select(torch.tensor([0, 0]))
+
+
 def test_missing_llama_cpp_is_a_clear_error(monkeypatch):
     from arfuse.adapters import load_model
 

@@ -15,6 +15,7 @@ trimmed on rollback.
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +74,12 @@ class LlamaCppState(StepState):
     ``fed[b]`` says, for each position fed to row b since the last rollback, whether it was a real
     token (padding is never fed to the context)."""
 
-    def __init__(self, contexts: list):
-        self.contexts = contexts
+    def __init__(self, contexts: list, pool: list | None = None):
+        self.contexts = contexts   # changed in place only: the finaliser below returns what is live
         self.fed: list[list[bool]] = [[] for _ in contexts]
+        self._pool = pool
+        if pool is not None:   # when the state goes, its contexts go back to the model's pool (no reload)
+            weakref.finalize(self, pool.extend, self.contexts)
 
     def rollback(self, n_fed: int, keep: torch.Tensor) -> None:
         for llm, k, fed in zip(self.contexts, keep.tolist(), self.fed):
@@ -88,7 +92,13 @@ class LlamaCppState(StepState):
 
     def select(self, rows: torch.Tensor) -> None:
         idx = rows.tolist()
-        self.contexts = [self.contexts[i] for i in idx]
+        if len(set(idx)) != len(idx):
+            raise ArfuseError("the llama.cpp backend cannot copy a row's context (a strategy that replicates rows, "
+                              "such as --strategy segment, needs the transformers backend)")
+        kept = [self.contexts[i] for i in idx]
+        if self._pool is not None:
+            self._pool.extend(c for i, c in enumerate(self.contexts) if i not in set(idx))
+        self.contexts[:] = kept
         self.fed = [self.fed[i] for i in idx]
 
 
@@ -120,6 +130,7 @@ class LlamaCppLM(HFTokenizerMethods, CausalLM):
             raise ArfuseError(f"{path}: arfuse needs a fast (Rust) tokenizer for character offsets; none is available")
         self._llama_cls = llama_cpp.Llama
         self._scorer = self._new_context()
+        self._pool: list = []   # idle generation contexts, reused by the next generation (loading one costs)
         llm = self._scorer
         self.bos_id = self.tokenizer.bos_token_id
         self.eos_id = self.tokenizer.eos_token_id
@@ -156,6 +167,15 @@ class LlamaCppLM(HFTokenizerMethods, CausalLM):
             raise ArfuseError(f"{self.path}: llama.cpp cannot load this GGUF file ({e})") from e
         finally:
             lowlevel.llama_model_default_params = default
+
+    def _idle_context(self):
+        """A context with nothing in it: an idle one from the pool (emptied), else a new one (a load)."""
+        if self._pool:
+            llm = self._pool.pop()
+            llm.reset()
+            _trim_kv(llm)
+            return llm
+        return self._new_context()
 
     # ---- running sequences through a context ------------------------------------------
     def _feed(self, llm, ids: list[int]) -> np.ndarray:
@@ -201,7 +221,7 @@ class LlamaCppLM(HFTokenizerMethods, CausalLM):
         B, T = input_ids.shape
         real = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
         if past is None:
-            past = LlamaCppState([self._new_context() for _ in range(B)])
+            past = LlamaCppState([self._idle_context() for _ in range(B)], self._pool)
         out = torch.zeros(B, T, self.info.vocab_size)
         for b, llm in enumerate(past.contexts):
             flags = real[b].tolist()
