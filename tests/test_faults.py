@@ -29,14 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from conftest import TRAIN_TEXT  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from arfuse.cli.main import main  # noqa: E402
-
-from conftest import TRAIN_TEXT  # noqa: E402
 
 CASES: Counter = Counter()
 OUTCOMES: Counter = Counter()

@@ -99,7 +99,7 @@ def test_not_utf8_data_cli(bad_text_files, tiny_models, capsys):
 # ---- 4. bad GGUF files --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gguf_files(tmp_path_factory) -> dict[str, Path]:
-    gguf = pytest.importorskip("gguf")
+    import gguf
     root = tmp_path_factory.mktemp("gguf")
     full = root / "whole.gguf"
     w = gguf.GGUFWriter(str(full), "llama")
@@ -151,11 +151,10 @@ def test_gguf_transformers_cannot_convert(gguf_files, capsys):
 
 # ---- 7. noise -----------------------------------------------------------------------------------
 def test_conversion_bars_silenced(capsys):
+    import transformers.modeling_gguf_pytorch_utils as mod
     import transformers.utils.logging as hf_logging
 
     from arfuse.adapters import hf
-
-    mod = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
     assert hf._show_conversion_progress() is False        # stderr is not a terminal under pytest
     hf.set_conversion_progress(True)
     try:

@@ -101,13 +101,20 @@ def commit(row: Row, tokens: list[int], cfg: GenerationConfig, tok: CausalLM) ->
         if len(row.ids) >= cfg.max_new_tokens:
             row.reason = "length"
             break
+    return emit(row, cfg.stop, new)
+
+
+def emit(row, stop: list[str], new_ids: list[int]) -> Chunk | None:
+    """The chunk of ``row``'s text (``index``, ``text``, ``emitted``, ``reason``) that is now certain,
+    with ``new_ids``; None when there is nothing to send. While the row goes on, an incomplete UTF-8
+    character and text that may start a stop string wait. Every decoder sends its chunks through it."""
     safe = row.text
     if row.reason is None:
         safe = safe.rstrip("\ufffd")  # an incomplete UTF-8 character waits for its next byte
-        hold = max((k for s in cfg.stop for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
+        hold = max((k for s in stop for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
         safe = safe[:len(safe) - hold]  # text that may start a stop string waits too
     delta = safe[row.emitted:] if len(safe) > row.emitted else ""
     row.emitted = max(row.emitted, len(safe))
-    if delta or new or row.reason:
-        return Chunk(row.index, delta, new, row.reason)
+    if delta or new_ids or row.reason:
+        return Chunk(row.index, delta, new_ids, row.reason)
     return None

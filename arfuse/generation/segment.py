@@ -43,7 +43,7 @@ from arfuse.adapters.base import CausalLM, MaskedKVState, RerunState
 from arfuse.adapters.extend import TextExtender
 from arfuse.errors import ArfuseError
 from arfuse.generation.config import GenerationConfig, SegmentOptions
-from arfuse.generation.results import Chunk, GenerationResult, GenerationStats
+from arfuse.generation.results import Chunk, GenerationResult, GenerationStats, emit
 from arfuse.generation.sampling import sample, transform
 from arfuse.generation.state import ModelState
 from arfuse.generation.text_decoder import TextDecoder
@@ -166,19 +166,6 @@ class SegmentDecoder(TextDecoder):
         self._tb = [m.token_bytes() for m in self.models]
 
     # ---- output ---------------------------------------------------------------------------
-    def _chunk(self, row: _Row) -> Chunk | None:
-        """The row's new text that is certain (an incomplete character, or a possible start of a stop
-        string, waits while the row goes on), with the LLM's tokens of its last segment."""
-        safe = row.text
-        if row.reason is None:
-            safe = safe.rstrip("\ufffd")
-            hold = max((k for s in self.cfg.stop for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
-            safe = safe[:len(safe) - hold]
-        delta = safe[row.emitted:] if len(safe) > row.emitted else ""
-        row.emitted = max(row.emitted, len(safe))
-        if delta or row.new_ids or row.reason:
-            return Chunk(row.index, delta, row.new_ids, row.reason)
-        return None
 
     def row_text(self, index: int) -> str:
         """The text generated so far for prompt ``index`` (final once its last chunk came)."""
@@ -253,7 +240,7 @@ class SegmentDecoder(TextDecoder):
                     for m, st in enumerate(states):
                         if isinstance(st.past, MaskedKVState):
                             self.cache_tokens[m][row.index] = int(st.past.next_pos[j])
-                chunk = self._chunk(row)
+                chunk = emit(row, self.cfg.stop, row.new_ids)   # the LLM's tokens of its last segment
                 if chunk is not None:
                     yield chunk
                 if row.reason is None:

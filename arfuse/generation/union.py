@@ -21,7 +21,7 @@ from arfuse.adapters.extend import TextExtender
 from arfuse.errors import ArfuseError
 from arfuse.fusion.union import EOS, UnionRule
 from arfuse.generation.config import GenerationConfig
-from arfuse.generation.results import Chunk, GenerationResult, GenerationStats
+from arfuse.generation.results import Chunk, GenerationResult, GenerationStats, emit
 from arfuse.generation.sampling import sample, transform
 from arfuse.generation.state import ModelState
 from arfuse.generation.text_decoder import TextDecoder
@@ -133,7 +133,7 @@ class UnionDecoder(TextDecoder):
                             m.info.max_length is not None and row.fed[k] + len(got[k]) >= m.info.max_length
                             for k, m in enumerate(self.models)):
                         row.reason = "length"   # the next step would not fit a model's context
-                chunk = self._chunk(row)
+                chunk = emit(row, self.cfg.stop, [])
                 if chunk is not None:
                     yield chunk
                 if row.reason is not None and key != EOS:   # its last piece needs no feeding
@@ -182,14 +182,3 @@ class UnionDecoder(TextDecoder):
             row.reason = "stop"
         elif row.steps >= self.cfg.max_new_tokens:
             row.reason = "length"
-
-    def _chunk(self, row: _Row) -> Chunk | None:
-        safe = row.text
-        if row.reason is None:
-            hold = max((k for s in self.cfg.stop for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
-            safe = safe[:len(safe) - hold]   # text that may start a stop string waits
-        delta = safe[row.emitted:] if len(safe) > row.emitted else ""
-        row.emitted = max(row.emitted, len(safe))
-        if delta or row.reason:
-            return Chunk(row.index, delta, [], row.reason)
-        return None

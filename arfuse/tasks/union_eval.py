@@ -135,11 +135,12 @@ def score_union(large: CausalLM, small: CausalLM, dataset: Dataset, *, ks=KS, wi
                     for k in ks:
                         keys, q = union_probs([lpl, lps_full], [vl, vs], k)
                         qs = np.zeros(len(tg))   # the SLM's union probability carried onto the target token
+                        q_small = q[1].numpy()
                         for r, (row, t) in enumerate(zip(keys, tgt_ids.tolist())):
                             for j, key in enumerate(row):
                                 route = vl.route(key)
                                 if route and route[0] == t:
-                                    qs[r] += float(q[1, r, j])
+                                    qs[r] += q_small[r, j]
                         with np.errstate(divide="ignore"):
                             lq[k].append(np.log(qs))
                     advance(len(tg))
