@@ -6,8 +6,9 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
+EXTRAS  = $(VENV)/.installed-extras
 
-.PHONY: setup demo test bench clean
+.PHONY: setup extras demo test bench clean
 
 setup: $(STAMP)
 
@@ -24,7 +25,17 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/arfuse demo
 
-test: $(STAMP)
+# The optional engines and integrations, so that their tests run for real: lm-evaluation-harness,
+# the server (FastAPI, uvicorn), Ray, and llama.cpp (llama-cpp-python compiles llama.cpp from
+# source: about 5 minutes on 2 cores the first time, then pip reuses the wheel it built).
+extras: $(EXTRAS)
+
+$(EXTRAS): $(STAMP)
+	@echo "installing the optional extras (lm-eval, serve, ray, llamacpp); llama.cpp compiles once, about 5 minutes"
+	$(PIP) install --quiet -e '.[test,lm-eval,serve,ray,llamacpp]'
+	touch $(EXTRAS)
+
+test: $(EXTRAS)
 	# the layering of DESIGN.md (pyproject.toml, [tool.importlinter]): a package imports only from below
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
