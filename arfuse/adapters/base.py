@@ -62,6 +62,13 @@ class StepState(ABC):
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` (1-D long), in that order."""
 
+    def concat(self, other: StepState | None, n_other: int) -> None:
+        """Append ``n_other`` rows after this state's rows, in place: ``other``'s rows (a state of the
+        same model), or rows that have seen nothing yet when ``other`` is None. Continuous batching
+        joins newly prefilled requests into a running batch this way; no row's results change."""
+        raise ArfuseError(f"{type(self).__name__} cannot join two batches: serve this model with --max-batch 1, "
+                          "or use a backend whose state can (transformers models)")
+
 
 class MaskedKVState(StepState):
     """A KV cache with ``mask`` (B, T_past) bool, True for real tokens, and ``next_pos`` (B,) long,
@@ -92,6 +99,42 @@ class MaskedKVState(StepState):
         self.mask = self.mask[rows.to(self.mask.device)]
         self.next_pos = self.next_pos[rows.to(self.next_pos.device)]
         self._select(rows)
+        self._trim_left()
+
+    def concat(self, other: MaskedKVState | None, n_other: int) -> None:
+        """The shorter of the two caches is padded on the left (masked-out positions); rows keep
+        their own positions (``next_pos``)."""
+        if other is not None and type(other) is not type(self):
+            raise ArfuseError(f"cannot join a {type(other).__name__} to a {type(self).__name__}: states of one model only")
+        mask_b = other.mask if other is not None else torch.zeros(n_other, 0, dtype=torch.bool)
+        pos_b = other.next_pos if other is not None else torch.zeros(n_other, dtype=torch.long)
+        L = max(self.length, mask_b.shape[1])
+        pad_a, pad_b = L - self.length, L - mask_b.shape[1]
+
+        def left(m: torch.Tensor, n: int) -> torch.Tensor:
+            return torch.cat([m.new_zeros(m.shape[0], n), m], dim=1)  # (B, L)
+
+        self._concat(other, n_other, pad_a, pad_b)
+        self.mask = torch.cat([left(self.mask, pad_a), left(mask_b.to(self.mask.device), pad_b)], dim=0)
+        self.next_pos = torch.cat([self.next_pos, pos_b.to(self.next_pos.device)])
+        self._trim_left()
+
+    def _trim_left(self) -> None:
+        """Drop leading positions that no row uses (after rows leave or join), where the cache can:
+        a long-running batch stays as wide as its longest row, not as its whole history."""
+        used = self.mask.any(0)
+        n = int(torch.nonzero(used).min().item()) if used.any() else 0
+        if n and self._crop_left(n):
+            self.mask = self.mask[:, n:]
+
+    def _crop_left(self, n: int) -> bool:
+        """Drop the cache's first ``n`` positions if this cache can (True), else leave it (False)."""
+        return False
+
+    def _concat(self, other: MaskedKVState | None, n_other: int, pad_self: int, pad_other: int) -> None:
+        """Append ``other``'s cache rows (``n_other`` empty rows when None) after this cache's, each
+        first padded on the left by ``pad_self`` / ``pad_other`` positions (``mask`` is still the old one)."""
+        super().concat(other, n_other)
 
     @abstractmethod
     def _crop(self, n: int) -> None:
@@ -115,6 +158,9 @@ class RerunState(StepState):
 
     def select(self, rows: torch.Tensor) -> None:
         self.seqs = [self.seqs[i] for i in rows.tolist()]
+
+    def concat(self, other: RerunState | None, n_other: int) -> None:
+        self.seqs = self.seqs + ([list(s) for s in other.seqs] if other is not None else [[] for _ in range(n_other)])
 
 
 class CausalLM(ABC):

@@ -201,6 +201,53 @@ class HFStepCache(MaskedKVState):
     def _select(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows.to(self.device))
 
+    def _layers(self) -> list | None:
+        """The cache's layers when they are plain key/value tensors (DynamicCache), else None."""
+        layers = getattr(self.cache, "layers", None)
+        if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            return None
+        return layers
+
+    def _crop_left(self, n: int) -> bool:
+        layers = self._layers()
+        if layers is None:
+            return False
+        for layer in layers:
+            if layer.is_initialized and layer.keys.numel():
+                layer.keys, layer.values = layer.keys[..., n:, :], layer.values[..., n:, :]
+        return True
+
+    def _concat(self, other: HFStepCache | None, n_other: int, pad_self: int, pad_other: int) -> None:
+        layers = self._layers()
+        theirs = other._layers() if other is not None else [None] * len(layers or [])
+        if layers is None or theirs is None or len(theirs) != len(layers):
+            raise ArfuseError("this model's KV cache is not a plain DynamicCache (sliding windows or a static "
+                              "cache): batches cannot be joined; serve it with --max-batch 1")
+        L = self.mask.shape[1] + pad_self   # the joined width
+        for a, b in zip(layers, theirs):
+            def kv(layer):
+                ok = layer is not None and layer.is_initialized and layer.keys.numel()
+                return (layer.keys, layer.values) if ok else (None, None)
+
+            (ka, va), (kb, vb) = kv(a), kv(b)
+            ref = ka if ka is not None else kb
+            if ref is None:   # neither side has fed this layer anything yet
+                continue
+
+            if not a.is_initialized:
+                a.lazy_initialization(ref, ref)
+            n_self = self.mask.shape[0]
+            a.keys = torch.cat([_left_pad(ka, ref, n_self, L), _left_pad(kb, ref, n_other, L)], dim=0)
+            a.values = torch.cat([_left_pad(va, ref, n_self, L), _left_pad(vb, ref, n_other, L)], dim=0)
+
+
+def _left_pad(t: torch.Tensor | None, ref: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """Cache tensor ``t`` (rows, H, T, D) padded with zeros on the left to ``width`` positions; all
+    padding (shaped like ``ref``) where None: rows that have seen nothing."""
+    if t is None:
+        return ref.new_zeros(rows, ref.shape[1], width, ref.shape[3])
+    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], width - t.shape[2], t.shape[3]), t], dim=2)
+
 
 class HFTokenizerMethods:
     """``encode``, ``decode`` and ``tokenizer_fingerprint`` of an adapter whose ``self.tokenizer`` is a
@@ -251,7 +298,10 @@ class HFCausalLM(HFTokenizerMethods, CausalLM):
                  name: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.device = resolve_device(device)
+        # "map": transformers' device_map="auto", the layers spread over every visible GPU (then the CPU),
+        # for a model larger than one GPU; inputs go to the embeddings' device
+        spread = device == "map"
+        self.device = resolve_device("auto" if spread else device)
         self.dtype = resolve_dtype(dtype)
         path = Path(spec)
         identity: dict = {"spec": spec, "revision": revision}
@@ -295,7 +345,8 @@ class HFCausalLM(HFTokenizerMethods, CausalLM):
             kind = "hf"
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(load_from, revision=revision)
-            self.model = AutoModelForCausalLM.from_pretrained(load_from, revision=revision, dtype=self.dtype)
+            self.model = AutoModelForCausalLM.from_pretrained(load_from, revision=revision, dtype=self.dtype,
+                                                              **({"device_map": "auto"} if spread else {}))
         except OSError as e:
             raise ArfuseError(
                 f"cannot load model {spec!r}: {str(e).splitlines()[0]} "
@@ -306,7 +357,11 @@ class HFCausalLM(HFTokenizerMethods, CausalLM):
             identity["commit"] = getattr(self.model.config, "_commit_hash", None)
         if not getattr(self.tokenizer, "is_fast", False):
             raise ArfuseError(f"{spec}: arfuse needs a fast (Rust) tokenizer for character offsets; none is available")
-        self.model.to(self.device).eval()
+        if spread:
+            self.device = self.model.get_input_embeddings().weight.device
+            self.model.eval()
+        else:
+            self.model.to(self.device).eval()
         cfg = self.model.config
         self.bos_id = self.tokenizer.bos_token_id
         self.eos_id = self.tokenizer.eos_token_id

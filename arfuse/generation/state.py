@@ -36,3 +36,15 @@ class ModelState:
         """Keep only the batch rows ``rows`` (1-D long), in that order."""
         if self.past is not None:
             self.past.select(rows)
+
+    def concat(self, other: ModelState, n_self: int, n_other: int) -> None:
+        """Append the ``n_other`` rows of ``other`` (the same model's state of another batch) after
+        this state's ``n_self`` rows (continuous batching: new requests join a running batch)."""
+        if other.model is not self.model:
+            raise ValueError("states of different models cannot be joined")
+        if self.past is None:
+            if n_self:   # rows that have seen nothing, ahead of rows that have: not needed by any caller
+                raise ValueError("join the new rows into a state that has seen tokens, or an empty batch")
+            self.past = other.past
+        elif other.past is not None or n_other:
+            self.past.concat(other.past, n_other)
