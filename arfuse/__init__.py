@@ -30,6 +30,7 @@ _LAZY = {  # name -> module that defines it
     "EvalConfig": "arfuse.tasks",
     "EvalReport": "arfuse.tasks",
     "generate": "arfuse.generation",
+    "serve": "arfuse.serve.server",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
