@@ -214,10 +214,15 @@ def test_logprobs_are_the_fused_distributions(client, tiny_pair):
     assert lp.token_logprobs == pytest.approx(want, abs=1e-4)
     for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):   # greedy: the chosen token is the top one
         assert len(top) == 3 and max(top.values()) == pytest.approx(chosen, abs=1e-6)
-    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "A stitch"}],
-                                          max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPTS[3]}],
+                                          max_tokens=30, temperature=0, logprobs=True, top_logprobs=2,
+                                          extra_body={"ignore_eos": True})
     content = chat.choices[0].logprobs.content
-    assert len(content) >= 1 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+    assert len(content) == 30 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+    # each token's own bytes (a byte-level token may hold part of a character): together, the reply's text
+    raw = [bytes(c.bytes) for c in content]
+    assert any(b.decode("utf-8", "replace") != b.decode("utf-8", "ignore") for b in raw)   # partial characters
+    assert b"".join(raw).decode("utf-8", "replace") == chat.choices[0].message.content
 
 
 def test_models_and_health(client, live):
@@ -244,6 +249,7 @@ def test_limits_get_400_with_the_fix(client):
         client.completions.create(model=NAME, prompt=long_prompt, max_tokens=8)
     assert e.value.status_code == 400 and e.value.body["code"] == "context_length_exceeded"
     assert "256" in e.value.body["message"] and "shorten the prompt" in e.value.body["message"]
+    assert "lower max_tokens" in e.value.body["message"] and "--" not in e.value.body["message"]  # the API's fix
     assert e.value.body["type"] == "invalid_request_error" and e.value.body["param"] == "prompt"
     with pytest.raises(openai.BadRequestError) as e:   # fits the context, not the server's --max-prompt-tokens
         client.completions.create(model=NAME, prompt="The quick brown fox jumps over the lazy dog. " * 10,
@@ -264,38 +270,43 @@ def test_limits_get_400_with_the_fix(client):
 
 
 def test_full_queue_gets_503(client, live, tiny_pair):
-    """While the scheduler is held between steps, three requests wait (--max-queue 3); a fourth gets 503;
-    the three then finish with their own texts."""
+    """While the scheduler is held between steps, seven requests are in: four take the free rows
+    (--max-batch 4), three wait (--max-queue 3); an eighth gets 503; the seven then finish with their
+    own texts."""
     _, engine = live
     results = {}
 
     def ask(i):
-        results[i] = client.completions.create(model=NAME, prompt=PROMPTS[i], max_tokens=12, temperature=0).choices[0].text
+        results[i] = client.completions.create(model=NAME, prompt=PROMPTS[i % 6], max_tokens=6 + i,
+                                               temperature=0).choices[0].text
 
     with engine.lock:
-        threads = [threading.Thread(target=ask, args=(i,)) for i in (3, 4, 5)]
+        assert engine.active == 0
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(7)]
         for t in threads:
             t.start()
-        _wait(lambda: engine.queued == 3, what="three queued requests")
+        _wait(lambda: engine.queued == 7, what="seven requests in")
         with pytest.raises(openai.InternalServerError) as e:
             client.completions.create(model=NAME, prompt="hi", max_tokens=4)
         assert e.value.status_code == 503 and e.value.body["code"] == "queue_full"
+        assert "3 requests are waiting" in e.value.body["message"] and e.value.response.headers["retry-after"] == "1"
     for t in threads:
         t.join(30)
-    assert results == {i: _ref(tiny_pair, PROMPTS[i], max_new_tokens=12) for i in (3, 4, 5)}
+    assert results == {i: _ref(tiny_pair, PROMPTS[i % 6], max_new_tokens=6 + i) for i in range(7)}
 
 
 def test_concurrent_requests_join_the_batch_and_give_the_sequential_texts(client, live, tiny_pair):
-    """Three requests run; three more join the running batch mid-way (continuous batching); greedy
-    texts are those of generate one prompt at a time."""
+    """Three requests run; three more join the running batch mid-way (continuous batching), two of
+    them sampled with top-p: every text is that of generate one prompt at a time with the same seed."""
     _, engine = live
     before, steps, submitted = engine.stats.joins, engine.stats.steps, engine.stats.submitted
     lengths = [60, 45, 50, 30, 40, 35]
+    sampled = {3: {"temperature": 0.9, "top_p": 0.8, "seed": 21}, 5: {"temperature": 1.1, "top_p": 0.6, "seed": 4}}
     results = {}
 
     def ask(i):
-        r = client.completions.create(model=NAME, prompt=PROMPTS[i], max_tokens=lengths[i], temperature=0,
-                                      extra_body={"ignore_eos": True})
+        r = client.completions.create(model=NAME, prompt=PROMPTS[i], max_tokens=lengths[i],
+                                      **sampled.get(i, {"temperature": 0}), extra_body={"ignore_eos": True})
         results[i] = r.choices[0].text
 
     first = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
@@ -313,7 +324,8 @@ def test_concurrent_requests_join_the_batch_and_give_the_sequential_texts(client
         t.join(60)
     assert engine.stats.joins > before
     for i in range(6):
-        assert results[i] == _ref(tiny_pair, PROMPTS[i], max_new_tokens=lengths[i], stop_at_eos=False), i
+        assert results[i] == _ref(tiny_pair, PROMPTS[i], max_new_tokens=lengths[i], stop_at_eos=False,
+                                  **sampled.get(i, {})), i
 
 
 def test_a_client_that_disconnects_frees_its_slot(client, live, tiny_pair):
@@ -407,3 +419,248 @@ def test_arfuse_serve_command_and_graceful_shutdown(tiny_models, tiny_pair, tmp_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- the scheduler, driven step by step (no thread, no HTTP) -------------------------------------------
+def _engine(tiny_pair, **kw):
+    from arfuse.serve.server import ServeConfig, build_engine
+
+    large, small = tiny_pair
+    engine, _ = build_engine(ServeConfig(large=large, small=[small], weight=W, **kw))
+    return engine
+
+
+def _request(engine, prompt: str, events: list, **settings):
+    from arfuse.generation.config import GenerationConfig
+    from arfuse.serve.engine import Request
+
+    cfg = GenerationConfig(**settings)
+    return Request(prompt, cfg, engine.check(prompt, cfg), events.append)
+
+
+def test_rows_that_join_mid_run_give_generate_texts_and_the_cache_stays_as_wide_as_its_longest_row(tiny_pair):
+    """Six requests (greedy and top-p sampling, prompts of 1 to 13 tokens) through three rows: they join
+    a running batch and leave it at different steps. After every step each model's KV cache is exactly
+    as wide as the longest row's tokens (the padding and history of the rows that left are trimmed),
+    and every text is that of generate alone with the same settings and seed."""
+    engine = _engine(tiny_pair, max_batch=3, max_queue=10)
+    plan = [  # (submitted before iteration, prompt, settings)
+        (0, PROMPTS[1], {"max_new_tokens": 30, "stop_at_eos": False}),
+        (0, "The", {"max_new_tokens": 12, "temperature": 0.9, "top_p": 0.8, "seed": 5, "stop_at_eos": False}),
+        (3, PROMPTS[3], {"max_new_tokens": 20, "temperature": 1.2, "top_p": 0.7, "seed": 8, "stop_at_eos": False}),
+        (3, PROMPTS[0], {"max_new_tokens": 25, "stop_at_eos": False}),
+        (6, "a", {"max_new_tokens": 10, "stop_at_eos": False}),     # one token: a row that has seen nothing joins
+        (9, PROMPTS[2], {"max_new_tokens": 15, "temperature": 0.8, "top_k": 20, "seed": 3, "stop_at_eos": False}),
+    ]
+    events = [[] for _ in plan]
+    reqs = [None] * len(plan)
+    widths = []
+    for it in range(200):
+        for j, (at, prompt, settings) in enumerate(plan):
+            if at == it:
+                reqs[j] = _request(engine, prompt, events[j], **settings)
+                engine.submit(reqs[j])
+        if it > 9 and engine.idle:
+            break
+        engine._iteration()
+        if engine._active:
+            for m, st in enumerate(engine._states):
+                want = max(len(r.ids[m]) + len(r.row.ids) - 1 for r in engine._active)
+                assert st.past.length == want, (it, m)
+                widths.append(st.past.length)
+    assert engine.idle and engine.stats.joins >= 2 and engine.stats.max_batch_seen == 3
+    assert max(widths) < max(len(r.ids[0]) + r.cfg.max_new_tokens for r in reqs)
+    for (_, prompt, settings), evs, r in zip(plan, events, reqs):
+        ref = generate(prompt, large=tiny_pair[0], small=tiny_pair[1], weight=W, **settings)
+        assert "".join(e.text for e in evs) == ref.text and r.row.ids == ref.token_ids, prompt
+        assert evs[-1].finish_reason == "length" and all(e.finish_reason is None for e in evs[:-1])
+
+
+def test_a_request_cancelled_while_queued_frees_its_place_at_once(tiny_pair):
+    """--max-queue counts the requests waiting for a free row: with one row and --max-queue 0 the first
+    request is taken; a cancelled waiting request leaves the queue (finish reason "cancelled") at once."""
+    from arfuse.serve.engine import CANCELLED, QueueFull
+
+    engine = _engine(tiny_pair, max_batch=1, max_queue=0)
+    ev = [[], [], []]
+    first = _request(engine, "The", ev[0], max_new_tokens=3)
+    engine.submit(first)                                  # a free row: it does not wait
+    with pytest.raises(QueueFull):
+        engine.submit(_request(engine, "The", ev[1], max_new_tokens=3))
+    engine.max_queue = 1
+    second = _request(engine, "A stitch", ev[1], max_new_tokens=3)
+    engine.submit(second)
+    with pytest.raises(QueueFull):
+        engine.submit(_request(engine, "The", ev[2], max_new_tokens=3))
+    engine.cancel(second)                                 # its client left while it waited
+    assert engine.queued == 1 and [e.finish_reason for e in ev[1]] == [CANCELLED]
+    third = _request(engine, PROMPTS[0], ev[2], max_new_tokens=4, stop_at_eos=False)
+    engine.submit(third)
+    while not engine.idle:
+        engine._iteration()
+    assert "".join(e.text for e in ev[2]) == _ref(tiny_pair, PROMPTS[0], max_new_tokens=4, stop_at_eos=False)
+    assert engine.stats.cancelled == 1
+
+
+def test_a_failed_prefill_fails_its_requests_only(tiny_pair):
+    """A prefill that raises (as an out-of-memory would) ends the requests it was for with an error;
+    the rows already running go on to generate's texts."""
+    engine = _engine(tiny_pair, max_batch=4)
+    ev = [[], []]
+    running = _request(engine, PROMPTS[1], ev[0], max_new_tokens=12, stop_at_eos=False)
+    engine.submit(running)
+    engine._iteration()
+    engine.submit(_request(engine, PROMPTS[2], ev[1], max_new_tokens=12))
+    real = engine._prefill
+
+    def boom(cohort):
+        engine._prefill = real
+        raise RuntimeError("out of memory")
+
+    engine._prefill = boom
+    while not engine.idle:
+        engine._iteration()
+    assert [(e.finish_reason, e.error) for e in ev[1]] == [("error", "RuntimeError: out of memory")]
+    assert ev[0][-1].finish_reason == "length"
+    assert "".join(e.text for e in ev[0]) == _ref(tiny_pair, PROMPTS[1], max_new_tokens=12, stop_at_eos=False)
+    assert engine.stats.failed == 1
+
+
+def test_a_model_whose_state_cannot_join_is_refused_at_start_with_the_fix(shared_data):
+    """stories260K (llama2.c) keeps a KV cache that cannot join a running batch: the server says so
+    when it starts and how to serve it; with --max-batch 1 it serves generate's text."""
+    from arfuse.errors import ArfuseError
+    from arfuse.serve.server import ServeConfig, build_engine
+
+    path = str(shared_data / "models/stories260K/stories260K.bin")
+    with pytest.raises(ArfuseError, match="--max-batch 1") as e:
+        build_engine(ServeConfig(large=path, max_batch=4))
+    assert "stories260K" in str(e.value) and "cannot join a running batch" in str(e.value)
+    engine, _ = build_engine(ServeConfig(large=path, max_batch=1))
+    ev = []
+    engine.submit(_request(engine, "Once upon a time", ev, max_new_tokens=10, temperature=0.8, seed=1))
+    while not engine.idle:
+        engine._iteration()
+    ref = generate("Once upon a time", large=engine.models[0], max_new_tokens=10, temperature=0.8, seed=1)
+    assert "".join(x.text for x in ev) == ref.text and len(ref.token_ids) >= 1
+
+
+def test_a_stop_string_across_chunks_ends_the_stream_as_generate(client, tiny_pair):
+    """A stop string that spans two tokens (so two chunks) is never streamed in part: the streamed
+    text is generate's with that stop; every chunk carries "usage" (null but on the last)."""
+    large, small = tiny_pair
+    full = generate(PROMPTS[1], large=large, small=small, weight=W, max_new_tokens=30, stop_at_eos=False)
+    cut = None
+    for k in range(3, len(full.token_ids) - 1):
+        edge = len(large.decode(full.token_ids[:k]))
+        s = full.text[edge - 2:edge + 2]
+        if len(s) == 4 and full.text.find(s) == edge - 2 and len(large.decode(full.token_ids[k:k + 1])) >= 2:
+            cut = s
+            break
+    assert cut is not None
+    chunks = list(client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=30, temperature=0, stop=[cut],
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    ref = generate(PROMPTS[1], large=large, small=small, weight=W, max_new_tokens=30, stop=[cut], stop_at_eos=False)
+    assert "".join(texts) == ref.text == full.text[:full.text.find(cut)]
+    assert len(texts) > 2 and all(cut[:2] not in t for t in texts[-2:]) or cut[:2] not in "".join(texts)[-2:]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == len(ref.token_ids)
+
+
+def test_a_stream_whose_client_left_before_it_began_frees_its_row(live):
+    """The client hangs up while the response headers are being sent: the body never starts, and the
+    request still leaves the queue (it would otherwise run to max_tokens for nobody)."""
+    import asyncio
+
+    from arfuse.serve.server import create_app
+
+    _, engine = live
+    app = create_app(engine, model_name=NAME, manage_engine=False)
+    body = json.dumps({"prompt": "The", "max_tokens": 200, "temperature": 0, "stream": True,
+                       "ignore_eos": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+    async def call():
+        sent, inbox = [], [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return inbox.pop(0) if inbox else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message["type"])
+            if message["type"] == "http.response.start":
+                await asyncio.sleep(60)     # the headers never reach the client: it is gone
+        await asyncio.wait_for(app(scope, receive, send), 30)
+        return sent
+
+    cancelled = engine.stats.cancelled
+    with engine.lock:   # the scheduler is held: the request is still waiting when its client leaves
+        sent = asyncio.run(call())
+        assert sent == ["http.response.start"] and engine.queued == 0
+    assert engine.stats.cancelled == cancelled + 1
+
+
+def test_a_chat_template_that_writes_bos_gets_no_second_one(client, tiny_pair, monkeypatch):
+    """A template that starts with the BOS text (Llama's, Mistral's) on a tokenizer that adds BOS by
+    default: the prompt has one BOS, not two, and the reply is generate's on the rendered text."""
+    large, small = tiny_pair
+    template = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    for m in (large, small):
+        monkeypatch.setattr(m.tokenizer, "chat_template", template)
+        monkeypatch.setattr(m, "default_add_bos", True)
+    from arfuse.serve.server import render_chat
+
+    msgs = [{"role": "user", "content": "The quick brown fox"}]
+    prompt = render_chat(large.tokenizer, msgs)
+    ids = large.encode(prompt).ids
+    assert prompt.startswith(large.tokenizer.bos_token) and ids[0] == large.bos_id and ids[1] != large.bos_id
+    out = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0)
+    assert out.usage.prompt_tokens == len(ids)
+    ref = generate(prompt, large=large, small=small, weight=W, max_new_tokens=8, bos="never")
+    assert out.choices[0].message.content == ref.text and ref.prompt_tokens == len(ids)
+    plain = client.completions.create(model=NAME, prompt="The quick", max_tokens=2, temperature=0)
+    assert plain.usage.prompt_tokens == len(large.encode("The quick").ids) + 1   # completions keep --bos auto
+
+
+def test_a_client_that_leaves_a_non_streaming_request_frees_its_row_while_tokens_flow(live):
+    """A non-streaming request whose client hangs up mid-way is cancelled within a poll, even while
+    its tokens keep coming (the server does not wait for a quiet moment to look)."""
+    import http.client
+
+    url, engine = live
+    cancelled = engine.stats.cancelled
+    stop = threading.Event()
+
+    def pulse():   # slow the steps to about one per 20 ms: events keep coming, the row takes seconds
+        while not stop.is_set():
+            with engine.lock:
+                time.sleep(0.02)
+            time.sleep(0.001)
+
+    pulser = threading.Thread(target=pulse, daemon=True)
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        pulser.start()
+        conn.request("POST", "/v1/completions", headers={"Authorization": f"Bearer {KEY}",
+                                                         "Content-Type": "application/json"},
+                     body=json.dumps({"model": NAME, "prompt": "The", "max_tokens": 220, "temperature": 0,
+                                      "ignore_eos": True}))
+        _wait(lambda: engine.active == 1 and len(engine._active[0].row.ids) >= 3, what="the row to run")
+        row = engine._active[0]
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        _wait(lambda: row.cancelled.is_set(), 3, "the server to see the disconnect")
+        assert len(row.row.ids) < 150
+    finally:
+        stop.set()
+        pulser.join(5)
+        conn.close()
+    _wait(lambda: engine.active == 0, what="the slot to be freed")
+    assert engine.stats.cancelled == cancelled + 1

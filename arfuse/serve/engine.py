@@ -11,6 +11,11 @@ join and leave the batch at every step, and a row's tokens are those of ``arfuse
 the same prompt, settings and seed, alone: its random stream is its own (``Row.gen``, seeded with
 the request's seed) and padding changes nothing.
 
+Models whose states cannot join (``StepState.concat``: llama.cpp, llama2.c, RNN checkpoints) are
+refused when the engine is made, with the fix (``--max-batch 1``), not at the first join under load.
+A request cancelled while it waits leaves the queue at once; ``max_queue`` counts the requests
+waiting beyond the free rows.
+
 Plain fused steps only: speculative decoding is not used here (with many rows sharing a step, one
 LLM pass per token already serves them all; drafting per row would need per-row draft lengths).
 """
@@ -139,6 +144,7 @@ class Engine:
         self.lock = threading.Lock()
         self.tok_lock = threading.Lock()
         self.stats = EngineStats()
+        self._stats_lock = threading.Lock()
         self._cv = threading.Condition()
         self._pending: collections.deque[Request] = collections.deque()
         self._active: list[Request] = []
@@ -148,6 +154,27 @@ class Engine:
         self._stopping = False
         self._drain_deadline: float | None = None
         self._kernels = [m.fast_kernels() for m in {id(m): m for m in self.models}.values()] if fast_kernels else []
+        if max_batch > 1:
+            self._check_joinable()
+
+    def _check_joinable(self) -> None:
+        """Continuous batching joins newly prefilled rows to the running batch (``StepState.concat``):
+        a model whose state cannot (llama.cpp, llama2.c, RNN checkpoints, a transformers cache that is
+        not a plain DynamicCache) fails here, at start, with the fix, not at the first join under load."""
+        for m in {id(m): m for m in self.models}.values():
+            ids = torch.tensor([[m.bos_id if m.bos_id is not None else 0]], dtype=torch.long)
+            a, b = ModelState(m), ModelState(m)
+            a.feed(ids)
+            b.feed(ids)
+            try:
+                a.concat(b, 1, 1)
+            except (ArfuseError, NotImplementedError, ValueError, TypeError) as e:
+                kind = type(a.past).__name__ if a.past is not None else "none"
+                why = f" ({e})" if "--max-batch 1" not in str(e) else ""   # the backend's own reason, if new
+                raise ArfuseError(f"{m.info.name} ({m.info.kind}) keeps a decoding state ({kind}) that cannot join a "
+                                  f"running batch{why}, which continuous batching needs to let requests join as they "
+                                  "arrive: serve it with --max-batch 1 (one request at a time), or use a "
+                                  "transformers model") from None
 
     # ---- from the HTTP side ----------------------------------------------------------------
     def check(self, prompt: str, cfg: GenerationConfig) -> list[list[int]]:
@@ -161,19 +188,29 @@ class Engine:
             if self._stopping or self._drain_deadline is not None:
                 self.stats.rejected += 1
                 raise ShuttingDown("the server is shutting down")
-            if len(self._pending) >= self.max_queue:
+            free = max(0, self.max_batch - len(self._active))   # these join at the next step: they do not wait
+            if len(self._pending) >= self.max_queue + free:
                 self.stats.rejected += 1
-                raise QueueFull(f"{len(self._pending)} requests are waiting already (the server's --max-queue)")
+                raise QueueFull(f"{len(self._pending) - free} requests are waiting for a free row already (the "
+                                f"server's --max-queue {self.max_queue})")
             self._pending.append(req)
             self.stats.submitted += 1
             self._cv.notify()
 
     def cancel(self, req: Request) -> None:
-        """The client left: ``req``'s row is dropped before the next step."""
-        if not req.done:
-            req.cancelled.set()
-            with self._cv:
-                self._cv.notify()
+        """The client left: ``req`` leaves the waiting queue at once (its place there is free for
+        another request), or its row is dropped before the next step."""
+        if req.done:
+            return
+        req.cancelled.set()
+        with self._cv:
+            try:
+                self._pending.remove(req)
+            except ValueError:   # not waiting: a row, dropped by the scheduler
+                pass
+            else:
+                self._end(req, CANCELLED)
+            self._cv.notify()
 
     @property
     def active(self) -> int:
@@ -242,11 +279,17 @@ class Engine:
                     cohort.append(r)
         if cohort:
             try:
-                self._join(cohort)
-            except Exception as e:
+                states = self._prefill(cohort)
+            except Exception as e:  # noqa: BLE001 - the running batch is untouched: only the cohort fails
                 for r in cohort:
                     self._end(r, "error", f"{type(e).__name__}: {e}")
-                raise
+            else:
+                try:
+                    self._join(cohort, states)
+                except Exception as e:
+                    for r in cohort:
+                        self._end(r, "error", f"{type(e).__name__}: {e}")
+                    raise   # the running states may be half joined: every row fails (``_fail_all``)
         if self._active:
             self._step()
 
@@ -258,8 +301,8 @@ class Engine:
             stack.enter_context(k.active())
         return stack
 
-    def _join(self, cohort: list[Request]) -> None:
-        """Prefill the new requests but their last tokens, left-padded, and join them to the batch."""
+    def _prefill(self, cohort: list[Request]) -> list[ModelState]:
+        """Every model's state after the new requests' prompts but their last tokens, left-padded."""
         states = [ModelState(m) for m in self.models]
         with self._kernels_on():
             for i, st in enumerate(states):
@@ -274,6 +317,10 @@ class Engine:
                         ids[b, width - len(s) + 1:] = torch.tensor(s[:-1])
                         mask[b, width - len(s) + 1:] = True
                 st.feed(ids, mask)
+        return states
+
+    def _join(self, cohort: list[Request], states: list[ModelState]) -> None:
+        """Join the prefilled ``states`` of ``cohort`` to the running batch."""
         last = torch.tensor([r.ids[0][-1] for r in cohort], dtype=torch.long)
         if not self._active:
             self._states, self._last = states, last
@@ -351,10 +398,11 @@ class Engine:
         self._select(keep)
 
     def _end(self, req: Request, reason: str, error: str | None = None) -> None:
-        if reason == CANCELLED:
-            self.stats.cancelled += 1
-        elif reason == "error":
-            self.stats.failed += 1
+        with self._stats_lock:   # the scheduler and ``cancel`` (the HTTP side) both end requests
+            if reason == CANCELLED:
+                self.stats.cancelled += 1
+            elif reason == "error":
+                self.stats.failed += 1
         req.send(Event("", [], [], reason, error))
 
     def _cancel_all(self) -> None:

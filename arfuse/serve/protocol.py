@@ -205,11 +205,14 @@ def completion_logprobs(lps: list[TokenLogprob], token_str, offset: int) -> dict
             "top_logprobs": [{token_str(i): v for i, v in x.top} for x in lps], "text_offset": offsets}
 
 
-def chat_logprobs(lps: list[TokenLogprob], token_str) -> dict:
-    """The chat ``logprobs`` object: ``content``, one entry per token with its top alternatives."""
+def chat_logprobs(lps: list[TokenLogprob], token_str, token_bytes=None) -> dict:
+    """The chat ``logprobs`` object: ``content``, one entry per token with its top alternatives.
+    ``token_bytes(i)``: the token's own UTF-8 bytes (a byte-level token may hold part of a character,
+    which its decoded string shows as U+FFFD); the string's bytes where not given."""
     def entry(i: int, v: float) -> dict:
         s = token_str(i)
-        return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
+        b = token_bytes(i) if token_bytes is not None else None
+        return {"token": s, "logprob": v, "bytes": list(b if b is not None else s.encode("utf-8"))}
 
     return {"content": [dict(entry(x.token_id, x.logprob), top_logprobs=[entry(i, v) for i, v in x.top])
                         for x in lps], "refusal": None}

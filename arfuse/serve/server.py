@@ -50,6 +50,7 @@ from arfuse.serve.protocol import (
 log = logging.getLogger("arfuse.serve")
 
 API_KEY_ENV = "ARFUSE_API_KEY"
+DISCONNECT_POLL_S = 0.25   # how often a non-streaming request looks whether its client is still there
 FALLBACK_CHAT = "role: content lines, then 'assistant:'"
 
 
@@ -92,6 +93,21 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, l
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    class _RowStream(StreamingResponse):
+        """A stream that frees its row however the response ends: the generator's own ``finally``
+        does not run when the client leaves before the generator has started (Starlette cancels the
+        send of the headers and never iterates the body)."""
+
+        def __init__(self, req: Request, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.req = req
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                engine.cancel(self.req)
+
     limits = limits or ServeLimits()
     tok = engine.tok
     tokenizer = getattr(tok, "tokenizer", None)
@@ -113,8 +129,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, l
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status,
-                            headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else \
+            {"Retry-After": "1"} if e.status == 503 else None   # busy or draining: clients back off, then retry
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(Exception)
     async def _bug(request, e: Exception):
@@ -151,7 +168,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, l
         return body
 
     def check_and_submit(p: Params, chat: bool, loop: asyncio.AbstractEventLoop,
-                         queue: asyncio.Queue) -> Request:
+                         queue: asyncio.Queue, bos: str) -> Request:
         """Settings and prompt checked (400 with the fix), then queued (503 when full). Runs in a worker thread."""
         from arfuse.generation.config import GenerationConfig
 
@@ -159,7 +176,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, l
             try:
                 return GenerationConfig(max_new_tokens=max_new, temperature=p.temperature, top_p=p.top_p,
                                         top_k=p.top_k, stop=list(p.stop), seed=seed, stop_at_eos=not p.ignore_eos,
-                                        bos=limits.bos)
+                                        bos=bos)
             except ArfuseError as e:
                 raise APIError(400, str(e)) from None
 
@@ -167,8 +184,12 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, l
             try:
                 return engine.check(p.prompt, cfg)
             except ArfuseError as e:
-                raise APIError(400, str(e), param="messages" if chat else "prompt",
-                               code="context_length_exceeded" if "context" in str(e) else "invalid_value") from None
+                # the API's names for the fixes, not the command line's
+                msg = str(e).replace("max_new_tokens (--max-new-tokens)", "max_tokens").replace(
+                    ", or pass truncate='left' (--truncate left) to drop the prompt's oldest tokens", "").replace(
+                    " (or --bos always)", "")
+                raise APIError(400, msg, param="messages" if chat else "prompt",
+                               code="context_length_exceeded" if "context" in msg else "invalid_value") from None
 
         seed = p.seed if p.seed is not None else (0 if p.temperature == 0 else secrets.randbelow(2 ** 31))
         max_new = p.max_tokens
@@ -206,6 +227,19 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, l
         with engine.tok_lock:
             return tok.decode([i])
 
+    table: list = []
+
+    def token_bytes(i: int) -> bytes | None:
+        """What token ``i`` stands for in running text (None: special tokens, or no table)."""
+        if not table:
+            with engine.tok_lock:
+                try:
+                    table.append(tok.token_bytes())
+                except Exception:  # noqa: BLE001 - an adapter without a string form of its tokens
+                    table.append(None)
+        tb = table[0]
+        return tb[i] if tb is not None and 0 <= i < len(tb) else None
+
     async def run(request: HTTPRequest, chat: bool):
         authorize(request)
         body = await body_of(request)
@@ -219,28 +253,37 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, l
         p = chat_params(body, render) if chat else completion_params(body)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        req = await run_in_threadpool(check_and_submit, p, chat, loop, queue)
+        bos = limits.bos
+        if chat and bos == "auto" and getattr(tokenizer, "bos_token", None) and p.prompt.startswith(tokenizer.bos_token):
+            bos = "never"   # the chat template wrote BOS itself (Llama's, Mistral's): do not prepend a second one
+        req = await run_in_threadpool(check_and_submit, p, chat, loop, queue, bos)
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         if p.stream:
-            return StreamingResponse(stream(req, p, queue, rid, created, chat), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _RowStream(req, stream(req, p, queue, rid, created, chat), media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await whole(request, req, queue, rid, created, chat)
 
     async def whole(request: HTTPRequest, req: Request, queue: asyncio.Queue, rid: str, created: int, chat: bool):
         texts, reason, error = [], None, None
+        gone = asyncio.Event()
+
+        async def watch() -> None:   # the client may leave while tokens keep coming: look every quarter second
+            while not await request.is_disconnected():
+                await asyncio.sleep(DISCONNECT_POLL_S)
+            gone.set()
+            engine.cancel(req)
+
+        watcher = asyncio.create_task(watch())
         try:
             while reason is None:
-                try:
-                    ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        engine.cancel(req)
-                        return JSONResponse(error_body("client disconnected", "invalid_request_error"), 499)
-                    continue
+                ev = await queue.get()
                 texts.append(ev.text)
                 reason, error = ev.finish_reason, ev.error
         finally:
+            watcher.cancel()
             engine.cancel(req)
+        if gone.is_set():
+            return JSONResponse(error_body("client disconnected", "invalid_request_error"), 499)
         if reason == "error":
             return JSONResponse(error_body(f"generation failed: {error}", "server_error", code="generation_failed"), 500)
         text = "".join(texts)
@@ -248,7 +291,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, l
         u = usage(req.prompt_tokens, len(req.row.ids))
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                      "logprobs": chat_logprobs(lps, token_str) if lps is not None else None,
+                      "logprobs": chat_logprobs(lps, token_str, token_bytes) if lps is not None else None,
                       "finish_reason": reason}
             return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                     "choices": [choice], "usage": u}
@@ -264,6 +307,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, l
         def sse(choice: dict | None, extra: dict | None = None) -> str:
             d = {"id": rid, "object": obj, "created": created, "model": model_name,
                  "choices": [choice] if choice is not None else []}
+            if p.include_usage:   # as OpenAI: every chunk has "usage", null but on the last one
+                d["usage"] = None
             if extra:
                 d.update(extra)
             return f"data: {json.dumps(d)}\n\n"
@@ -278,10 +323,12 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, l
                 if ev.finish_reason == "error":
                     yield f"data: {json.dumps(error_body(f'generation failed: {ev.error}', 'server_error'))}\n\n"
                     return
-                if ev.text or ev.token_ids or ev.finish_reason:
+                if ev.text or ev.finish_reason or (ev.token_ids and req.top_logprobs is not None):
+                    # (tokens whose text waits, an incomplete character or a possible stop string, make no
+                    # empty chunk unless their log-probs were asked for)
                     lp = None
                     if req.top_logprobs is not None:
-                        lp = chat_logprobs(ev.logprobs, token_str) if chat else \
+                        lp = chat_logprobs(ev.logprobs, token_str, token_bytes) if chat else \
                             completion_logprobs(ev.logprobs, token_str, offset)
                     offset += len(ev.text)
                     if chat:
