@@ -12,7 +12,7 @@ from arfuse.scoring.scorer import ScoreConfig
 LARGE = "smollm2-135m"
 VALID = "kjv[90%:90.5%]"     # choose the weight here ...
 TEST = "kjv[95%:96.5%]"      # ... and report here: both inside the held-out 10%, disjoint
-SCORE = ScoreConfig(window=1024, stride=1024, convention="disjoint", bos="never", topk=32)
+SCORE = ScoreConfig(window=1024, stride=1024, convention="blocks", bos="never", topk=32)
 
 
 def run_demo(*, progress: bool = True, device: str = "cpu"):

@@ -3,7 +3,7 @@ tokenizer, in domain and out of domain. The LLM is never touched.
 
 For every (SLM, benchmark) pair: the weight w is chosen (NLL-optimal, exact) on a validation
 part and the gain is reported on a disjoint test part, with a 95% paired bootstrap interval over
-blocks of 1024 tokens. All scoring is lm-evaluation-harness's disjoint 1024-token windows, no
+blocks of 1024 tokens. All scoring is consecutive 1024-token blocks (--convention blocks), no
 BOS, cached: a second run only recomputes the fusion (seconds).
 
     .venv/bin/python benchmarks/bench_domain.py \\
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         slms.append((name, Path(folder)))
     benches = args.only.split(",") if args.only else list(BENCHMARKS)
-    score = ScoreConfig(window=1024, convention="disjoint", bos="never")
+    score = ScoreConfig(window=1024, convention="blocks", bos="never")
     rows, t0 = [], time.time()
     for name, folder in slms:
         info = slm_info(folder)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"  w {row['w']:.6f}  k {fmt(row['k'], 2)}  ({row['seconds']:.0f} s)", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"large": args.large, "windowing": "disjoint windows of 1024 (lm-evaluation-harness rolling), BOS off",
+    result = {"large": args.large, "windowing": "consecutive blocks of 1024 (--convention blocks), BOS off",
               "command": "python benchmarks/bench_domain.py", "seconds": round(time.time() - t0, 1),
               "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows}
     (out / "domain.json").write_text(json.dumps(result, indent=1))

@@ -80,7 +80,7 @@ def fit_linear(llm, slm, valid: str, window: int) -> dict:
     from arfuse.search.weights import optimal_weight
 
     t0 = time.perf_counter()
-    cfg = ScoreConfig(window=window, convention="disjoint", bos="never")
+    cfg = ScoreConfig(window=window, convention="blocks", bos="never")
     ds = load_dataset(valid)
     rl, rs = (score(m, ds, cfg) for m in (llm, slm))
     w = optimal_weight(rl.logp, rs.logp).w

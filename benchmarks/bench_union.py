@@ -176,12 +176,12 @@ def main(argv=None) -> int:
     from arfuse.scoring.scorer import ScoreConfig
 
     ks = tuple(int(x) for x in args.ks.split(","))
-    cfg = ScoreConfig(window=args.window, convention="disjoint", bos="never")
+    cfg = ScoreConfig(window=args.window, convention="blocks", bos="never")
     llm = load_model(args.large)
     same, cross = load_model(args.slm_same), load_model(args.slm_cross)
     valid, data = load_dataset(args.valid), load_dataset(args.data)
     out: dict = {"large": llm.info.name, "slm_same": same.info.name, "slm_cross": cross.info.name,
-                 "valid": valid.name, "data": data.name, "window": args.window, "convention": "disjoint",
+                 "valid": valid.name, "data": data.name, "window": args.window, "convention": "blocks",
                  "bos": "never", "threads": torch.get_num_threads(), "bits_per_byte": []}
 
     def show(r):
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     if weak is not None:
         win = min(args.window, weak.info.max_length or args.window)   # stories260K reads 512 tokens at most
         print(f"(d) the same with {weak.info.name} as the partner (windows of {win} tokens)", flush=True)
-        w_seg = segment_mixture(llm, weak, valid, data, ScoreConfig(window=win, convention="disjoint", bos="never"))
+        w_seg = segment_mixture(llm, weak, valid, data, ScoreConfig(window=win, convention="blocks", bos="never"))
         show(w_seg)
         w_uni, w_best = union_rule(llm, weak, valid, data, win, ks)
         show(w_uni)

@@ -110,7 +110,9 @@ def _score_ppl(folder: Path, valid: str, window: int) -> float:
     from arfuse.data.text import load_dataset
 
     model = load_model(str(folder))
-    rec = score(model, load_dataset(valid), ScoreConfig(window=window, convention="disjoint"), use_cache=False,
+    # the trainer validates on consecutive blocks: the "blocks" convention (what "disjoint" was before it
+    # took lm-eval's prefix token and last-window cut)
+    rec = score(model, load_dataset(valid), ScoreConfig(window=window, convention="blocks"), use_cache=False,
                 progress=False)
     return float(np.exp(-rec.logp.astype(np.float64).mean())), model
 

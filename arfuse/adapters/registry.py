@@ -88,6 +88,8 @@ def _hf(spec, *, device="cpu", dtype="float32", name=None, **_):
 
 # asked in this order; the first backend whose test accepts a spec loads it
 BACKENDS: list[Backend] = [
+    Backend("vllm", "causal", "arfuse.adapters.vllm:is_vllm_spec", "arfuse.adapters.vllm:load_vllm",
+            "vLLM on a CUDA GPU: vllm:HUB_ID or vllm:FOLDER, scoring through prompt_logprobs (pip install -e '.[vllm]')"),
     Backend("llamacpp", "causal", "arfuse.adapters.llamacpp:is_llamacpp_spec", "arfuse.adapters.llamacpp:load_llamacpp",
             "llama.cpp: llamacpp:PATH.gguf or llamacpp:NAME, the quantised weights as they are (llama-cpp-python)"),
     Backend("vision", "image", "arfuse.adapters.vision:is_vision_model", _vision,

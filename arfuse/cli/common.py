@@ -7,7 +7,9 @@ from arfuse.scoring.windows import CONVENTIONS  # numpy only: `arfuse --help` mu
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N, auto (CUDA when available), or map: a model larger than one GPU spread "
+                        "over every visible GPU (transformers device_map='auto'; default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="weights' dtype; scores are always float32 log-softmax (default: float32)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (results do not depend on it)")
@@ -160,3 +162,56 @@ def rule_params(args) -> dict:
                           f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} of the {args.rule} "
                           f"rule (its parameters: {', '.join(sorted(known)) or 'none'})")
     return params
+
+
+def add_scale_options(p: argparse.ArgumentParser) -> None:
+    """--workers N and --ray-address: score the windows on a pool of Ray actors (arfuse.scoring.shards)."""
+    g = p.add_argument_group("scale-out (Ray; docs/scale-out.md)")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="score the windows on N Ray actors, each holding the model once; the records and the cache "
+                        "are the same as in one process (default: score in this process, without Ray)")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="with --workers: the Ray cluster to use (HOST:6379, 'auto', or ray://HOST:10001; default: "
+                        "start a local one)")
+    g.add_argument("--worker-cpus", type=float, default=1.0, metavar="C",
+                   help="with --workers: CPUs (and torch threads) per actor (default: 1)")
+    g.add_argument("--worker-gpus", type=float, default=None, metavar="G",
+                   help="with --workers: GPUs per actor (default: 1 when the model is on CUDA, else 0)")
+
+
+def workers_from_args(args):
+    """The ``arfuse.scoring.shards.Workers`` of the command's scale-out options, or None without --workers."""
+    import importlib.util
+
+    from arfuse.errors import ArfuseError
+
+    n = getattr(args, "workers", None)
+    if n is None:
+        if getattr(args, "ray_address", None):
+            raise ArfuseError(f"--ray-address {args.ray_address} needs --workers N (how many Ray actors score)")
+        return None
+    from arfuse.adapters.actor import INSTALL
+    from arfuse.scoring.shards import Workers
+
+    if importlib.util.find_spec("ray") is None:
+        raise ArfuseError(f"--workers {n} needs Ray, which is not installed: {INSTALL} (or leave --workers out to "
+                          "score in this process)")
+    return Workers(n, address=args.ray_address, num_cpus=args.worker_cpus, num_gpus=args.worker_gpus)
+
+
+ENGINES = ("auto", "vllm")
+
+
+def add_backend_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=ENGINES, default="auto",
+                   help="the engine that scores: auto (the backend that recognises each model: transformers, "
+                        "llama.cpp, ...) or vllm (GPU, prompt_logprobs; pip install -e '.[vllm]'); the same as "
+                        "writing vllm:MODEL")
+
+
+def backend_spec(args, spec: str) -> str:
+    """``spec`` as the chosen --backend loads it (``vllm:SPEC`` for --backend vllm)."""
+    engine = getattr(args, "backend", "auto")
+    if engine == "auto" or spec.startswith(f"{engine}:"):
+        return spec
+    return f"{engine}:{spec}"

@@ -5,7 +5,7 @@ import json
 
 
 def register(sub) -> None:
-    from arfuse.cli.common import add_model_options, add_rule_options, add_score_options
+    from arfuse.cli.common import add_backend_option, add_model_options, add_rule_options, add_scale_options, add_score_options
 
     p = sub.add_parser("eval", help="a large model fused with small ones: perplexity, top-1 or masked perplexity",
                        description="Score each model once (cached), fuse at the given or the optimal weight, and "
@@ -22,6 +22,8 @@ def register(sub) -> None:
     g.add_argument("--search", action="store_true", help="find the optimal weight exactly (the default)")
     add_model_options(p)
     add_score_options(p)
+    add_backend_option(p)
+    add_scale_options(p)
     p.add_argument("--objective", choices=["nll", "accuracy"],
                    help="classifiers: search the weight for accuracy (exact, the default for two models) or NLL")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
@@ -31,17 +33,22 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from arfuse.cli.common import rule_params, score_config
+    from arfuse.cli.common import backend_spec, rule_params, score_config, workers_from_args
     from arfuse.fusion.registry import resolve_weights
     from arfuse.tasks.config import EvalConfig
     from arfuse.tasks.heads import evaluate
 
+    from arfuse.scoring.shards import scale_out
+
+    workers = workers_from_args(args)   # checked before any model loads
+    args.large, args.small = backend_spec(args, args.large), [backend_spec(args, s) for s in args.small]
     cfg = EvalConfig(large=args.large, smalls=args.small, data=args.data, valid=args.valid,
                      weights=resolve_weights(args.weight, args.weights, 1 + len(args.small)),
                      rule=args.rule, rule_params=rule_params(args), objective=args.objective,
                      score=score_config(args, [args.large, *args.small]),  # defaults fit the models' context
                      device=args.device, dtype=args.dtype, batch_size=args.batch_size, use_cache=not args.no_cache)
-    report = evaluate(cfg, progress=not args.quiet)
+    with scale_out(workers):
+        report = evaluate(cfg, progress=not args.quiet)
     print_report(report, json_out=args.json, plot=args.plot)
     return 0
 

@@ -79,6 +79,13 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is often fastest "
                                                "for small models on a busy machine)")
+    p.add_argument("--placement", choices=["process", "actors"], default="process",
+                   help="process: every model in this process (default); actors: each model in a Ray actor of its "
+                        "own that keeps its KV cache, on this machine or a cluster (--ray-address); the same tokens "
+                        "(pip install -e '.[ray]'; docs/scale-out.md)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="with --placement actors: the Ray cluster (HOST:6379, 'auto' or ray://HOST:10001; default: "
+                        "start a local one)")
     p.add_argument("--stats", action="store_true", help="print speed and acceptance rate to standard error")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of streaming text")
     p.set_defaults(func=run)
@@ -101,6 +108,7 @@ def run(args) -> int:
                       stream=True, device=args.device, dtype=args.dtype, draft=args.draft,
                       draft_head=args.draft_head, strategy=args.strategy, segment_len=args.segment_len,
                       scorer=args.scorer, hedge_rate=args.hedge_rate, patience=args.patience, exit=args.exit,
+                      placement=args.placement, ray_address=args.ray_address,
                       **rule_params(args))
     # every prompt's length against every model's context before anything is echoed or run
     check = getattr(stream.decoder, "check_prompts", None)

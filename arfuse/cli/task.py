@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from arfuse.cli.common import add_rule_options, rule_params
+from arfuse.cli.common import (add_backend_option, add_rule_options, add_scale_options, backend_spec, rule_params,
+                               workers_from_args)
 
 
 def register(sub) -> None:
@@ -36,6 +37,8 @@ def register(sub) -> None:
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    add_backend_option(p)
+    add_scale_options(p)
     add_rule_options(p)   # last: a command's own option (--topk) keeps its meaning
     p.set_defaults(func=run)
 
@@ -48,12 +51,17 @@ def run(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ArfuseError(f"--limit must be at least 1, got {args.limit}")
-    cfg = TaskRunConfig(task=args.task, large=args.large, small=args.small, data=args.data, limit=args.limit,
+    from arfuse.scoring.shards import scale_out
+
+    workers = workers_from_args(args)   # checked before any model loads
+    cfg = TaskRunConfig(task=args.task, large=backend_spec(args, args.large),
+                        small=args.small and backend_spec(args, args.small), data=args.data, limit=args.limit,
                         valid_split=args.valid_split, small_context_words=args.small_context_words,
                         score=ScoreConfig(bos=args.bos, topk=args.topk), device=args.device, dtype=args.dtype,
                         batch_size=args.batch_size, use_cache=not args.no_cache, rule=args.rule,
                         rule_params=rule_params(args), weight=args.weight)
-    report = run_task(cfg, progress=not args.quiet)
+    with scale_out(workers):
+        report = run_task(cfg, progress=not args.quiet)
     if args.json:
         print(json.dumps(json_safe(report), indent=1))
     else:

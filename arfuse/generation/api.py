@@ -58,6 +58,18 @@ def build_rule(models: Sequence[CausalLM], *, rule: str = "linear", weight: floa
     return fuse
 
 
+PLACEMENTS = ("process", "actors")
+
+
+def _load_all(specs: list, device: str, dtype: str, placement: str = "process",
+              ray_address: str | None = None) -> list[CausalLM]:
+    if placement == "actors":   # each model (a spec or a loaded one) in a Ray actor of its own, loaded at once
+        from arfuse.adapters.actor import actor_models
+
+        return actor_models(specs, device=device, dtype=dtype, address=ray_address)
+    return [_load(s, device, dtype) for s in specs]
+
+
 def _load(spec, device: str, dtype: str) -> CausalLM:
     if isinstance(spec, CausalLM):
         return spec
@@ -73,7 +85,8 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
              stop_at_eos: bool = True, stream: bool = False, device: str = "cpu", dtype: str = "float32",
              fast_kernels: bool = True, draft: str = "auto", draft_head: str = "candidates", strategy: str = "token",
              segment_len: int | None = None, scorer: str | None = None, hedge_rate: float | None = None,
-             patience: int | None = None, exit: str | None = None, **rule_params):
+             patience: int | None = None, exit: str | None = None, placement: str = "process",
+             ray_address: str | None = None, **rule_params):
     """Generate from P = w p_LLM + (1 - w) p_SLM, or from any registered fusion rule (``rule``; its
     parameters as further keywords, e.g. ``rule="cosine", power=1.0``; a name the rule does not
     have fails with its parameters listed).
@@ -101,7 +114,17 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
     sum (``hedge_rate``, 0.5) goes to all. ``patience``: a model whose candidates lose that many
     rounds in a row stops drafting (``exit="draft"``, default) or leaves (``exit="all"``). It takes
     no weights, rule or speculative decoding.
+
+    ``placement="actors"``: each model in a Ray actor of its own (``arfuse.adapters.actor``; on the
+    cluster at ``ray_address``, or a local one), which keeps its KV cache; the loop, and the tokens,
+    are those of ``placement="process"`` (the default). Needs ``pip install -e '.[ray]'``.
     """
+    if placement not in PLACEMENTS:
+        raise ArfuseError(f"unknown placement {placement!r}: use 'process' (every model in this process) or "
+                          "'actors' (each model in a Ray actor of its own)")
+    if ray_address is not None and placement != "actors":
+        raise ArfuseError(f"ray_address {ray_address!r} (--ray-address) places models on a Ray cluster: add "
+                          "placement='actors' (--placement actors)")
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            stop=list([stop] if isinstance(stop, str) else (stop or [])), seed=seed,
                            speculative=speculative, truncate=truncate, bos=bos,
@@ -112,7 +135,8 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
                              "patience": patience, "exit": exit}.items() if v is not None}
     if strategy == "segment":
         return _generate_segments(prompt, large, smalls, cfg, seg, device=device, dtype=dtype, stream=stream,
-                                  weight=weight, weights=weights, rule=rule, rule_params=rule_params)
+                                  weight=weight, weights=weights, rule=rule, rule_params=rule_params,
+                                  placement=placement, ray_address=ray_address)
     if strategy != "token":
         raise ArfuseError(f"unknown strategy {strategy!r}: use 'token' (fuse the models' next-token distributions) "
                           "or 'segment' (every model drafts a segment, all of them rank the candidates)")
@@ -122,7 +146,7 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
                           + ("it" if len(seg) == 1 else "them"))
     if get_rule(rule).weighted:  # bad weights fail before any model loads
         resolve_weights(weight, weights, 1 + len(smalls))
-    models = [_load(large, device, dtype)] + [_load(s, device, dtype) for s in smalls]
+    models = _load_all([large, *smalls], device, dtype, placement, ray_address)
     fuse = build_rule(models, rule=rule, weight=weight, weights=weights, **rule_params)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
@@ -137,7 +161,8 @@ def generate(prompt: str | Sequence[str], *, large, small=None, weight: float | 
 
 
 def _generate_segments(prompt, large, smalls, cfg: GenerationConfig, seg: dict, *, device: str, dtype: str,
-                       stream: bool, weight, weights, rule: str, rule_params: dict):
+                       stream: bool, weight, weights, rule: str, rule_params: dict, placement: str = "process",
+                       ray_address: str | None = None):
     """``generate`` with ``strategy="segment"``: options checked before any model loads."""
     from arfuse.generation.config import SegmentOptions
     from arfuse.generation.segment import SegmentDecoder
@@ -155,7 +180,7 @@ def _generate_segments(prompt, large, smalls, cfg: GenerationConfig, seg: dict, 
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ArfuseError("no prompts given: pass a string or a list of strings")
-    models = [_load(large, device, dtype)] + [_load(s, device, dtype) for s in smalls]
+    models = _load_all([large, *smalls], device, dtype, placement, ray_address)
     return _finish(Stream(SegmentDecoder(models, cfg, **seg), prompts), prompt, stream)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from arfuse.adapters.base import CausalLM
-from arfuse.scoring.scorer import ScoreConfig, prepare_docs
+from arfuse.scoring.scorer import ScoreConfig, prefix_token, prepare_docs
 from arfuse.scoring.windows import plan_windows
 from arfuse.data.text import Dataset
 
@@ -26,7 +26,7 @@ class FullWindows:
 
     def __init__(self, model: CausalLM, dataset: Dataset, cfg: ScoreConfig):
         self.model = model
-        self.docs = prepare_docs(model, dataset, model.uses_bos(cfg.bos))
+        self.docs = prepare_docs(model, dataset, model.uses_bos(cfg.bos), prefix_token(model, cfg))
         self.plan = [(d, w) for d, doc in enumerate(self.docs)
                      for w in plan_windows(len(doc.seq), window=cfg.window, stride=cfg.stride,
                                            convention=cfg.convention)]

@@ -8,6 +8,7 @@ import torch
 
 from arfuse.adapters.base import CausalLM
 from arfuse.errors import ArfuseError
+from arfuse.scoring import shards
 from arfuse.scoring.cache import ScoreCache, cache_warning, resume_note
 from arfuse.scoring.records import TokenRecords
 from arfuse.scoring.windows import Window, plan_windows
@@ -22,14 +23,18 @@ class ScoreConfig:
 
     window: int = 1024
     stride: int | None = 512
-    convention: str = "sliding"   # "sliding" (HF guide) or "disjoint" (lm-eval rolling)
+    convention: str = "sliding"   # "sliding" (HF guide), "disjoint" (lm-eval rolling) or "blocks" (nanoGPT)
     bos: str = "auto"             # "auto" (tokenizer default), "always", "never"
     topk: int = 32
 
     def describe(self) -> str:
         if self.convention == "sliding":
             return f"sliding window {self.window}, stride {self.stride} (Hugging Face guide)"
-        return f"disjoint windows of {self.window} (lm-evaluation-harness rolling)"
+        if self.convention == "blocks":
+            return f"consecutive blocks of {self.window} (nanoGPT's validation cut, no prefix token)"
+        return (f"disjoint windows of {self.window} (lm-evaluation-harness 0.4.13 loglikelihood_rolling: a prefix "
+                "token, BOS else EOS, before each document, so its first token is scored; the last window reads "
+                "back a full window)")
 
 
 @dataclass
@@ -57,15 +62,31 @@ def char_stats(text: str, ends: list[int]) -> tuple[np.ndarray, np.ndarray, np.n
     return nbytes.astype(np.int32), nchars.astype(np.int32), nwords.astype(np.int32)
 
 
-def prepare_docs(model: CausalLM, dataset: Dataset, bos: bool) -> list[_Doc]:
+def prefix_token(model: CausalLM, cfg: ScoreConfig) -> int | None:
+    """The token the disjoint convention reads before each document, lm-eval's ``prefix_token_id``
+    (the tokenizer's BOS, else its EOS); None for the sliding convention."""
+    if cfg.convention != "disjoint":
+        return None
+    tok = model.bos_id if model.bos_id is not None else model.eos_id
+    if tok is None:
+        raise ArfuseError(f"{model.info.name} has neither a BOS nor an EOS token, which the disjoint convention "
+                          "(lm-evaluation-harness rolling) reads before each document: use --convention sliding")
+    return int(tok)
+
+
+def prepare_docs(model: CausalLM, dataset: Dataset, bos: bool, prefix: int | None = None) -> list[_Doc]:
+    """Token ids and per-token bytes, characters and words of each document: BOS first when ``bos``,
+    and before it the ``prefix`` token when one is given (``prefix_token``; lm-eval puts it before
+    the tokenizer's own BOS too). Neither closes any text."""
+    lead = ([] if prefix is None else [prefix]) + ([model.bos_id] if bos else [])
     docs = []
     for text in dataset.documents:
         enc = model.encode(text)
         nb, nc, nw = char_stats(text, enc.ends)
         ids = np.asarray(enc.ids, dtype=np.int64)
-        if bos:
-            z = np.zeros(1, np.int32)
-            ids, nb, nc, nw = np.concatenate([[model.bos_id], ids]), np.concatenate([z, nb]), np.concatenate([z, nc]), np.concatenate([z, nw])
+        if lead:
+            z = np.zeros(len(lead), np.int32)
+            ids, nb, nc, nw = np.concatenate([lead, ids]).astype(np.int64), np.concatenate([z, nb]), np.concatenate([z, nc]), np.concatenate([z, nw])
         docs.append(_Doc(ids, nb, nc, nw))
     return docs
 
@@ -76,6 +97,8 @@ def cache_key_fields(model: CausalLM, dataset: Dataset, cfg: ScoreConfig, bos: b
         "tokenizer": model.tokenizer_fingerprint(), "dtype": str(model.dtype).replace("torch.", ""),
         "bos": bos, "window": cfg.window, "stride": cfg.stride if cfg.convention == "sliding" else None,
         "convention": cfg.convention, "topk": cfg.topk, "data": dataset.content_hash,
+        # the disjoint windows as lm-eval 0.4.13 cuts them, after its prefix token (older caches had neither)
+        **({"disjoint_cut": "lm-eval-0.4.13", "prefix": prefix_token(model, cfg)} if cfg.convention == "disjoint" else {}),
     }
 
 
@@ -134,14 +157,16 @@ def _score_windows(model: CausalLM, docs: list[_Doc], items: list[tuple[int, Win
 
 
 def score(model: CausalLM, dataset: Dataset, cfg: ScoreConfig = ScoreConfig(), *, batch_size: int = 4,
-          use_cache: bool = True, progress: bool = True, load: bool = True) -> TokenRecords | None:
+          use_cache: bool = True, progress: bool = True, load: bool = True,
+          workers: "shards.Workers | int | None" = None) -> TokenRecords | None:
     """Per-token records of ``model`` on ``dataset``, scored once and cached.
 
     An interrupted run resumes from its last finished chunk (saying so on stderr unless
     ``progress=False``); a damaged cache entry is rescored with a warning. A cache folder that
     cannot be written is an ArfuseError before any scoring; a write that fails later is a
     warning and the records are kept in memory. With ``load=False`` nothing is kept in memory
-    (for filling the cache of a corpus of any length).
+    (for filling the cache of a corpus of any length). ``workers`` (a ``shards.Workers`` or a
+    count) shards the windows over Ray actors (``arfuse.scoring.shards``): the same records.
     """
     if batch_size < 1:
         raise ArfuseError(f"--batch-size must be at least 1, got {batch_size}")
@@ -157,7 +182,7 @@ def score(model: CausalLM, dataset: Dataset, cfg: ScoreConfig = ScoreConfig(), *
     cache = ScoreCache(key_fields) if use_cache else None
     meta = {"model": model.info.name, "model_kind": model.info.kind, "num_parameters": model.info.num_parameters,
             "vocab_size": model.info.vocab_size, "data": dataset.name, "data_source": dataset.source,
-            "data_hash": dataset.content_hash, "bos": bos, "topk": k, "windowing": cfg.describe(),
+            "data_hash": dataset.content_hash, "bos": bos, "prefix": prefix_token(model, cfg), "topk": k, "windowing": cfg.describe(),
             "config": asdict(cfg), "cache_key": cache.key if cache else None,
             "tokenizer": model.tokenizer_fingerprint()}
     if cache and load and cache.manifest.get("complete") and cache.manifest.get("n_chunks"):
@@ -177,7 +202,7 @@ def score(model: CausalLM, dataset: Dataset, cfg: ScoreConfig = ScoreConfig(), *
             done = None
         if done is not None:
             return TokenRecords.concat(done, meta=meta)
-    docs = prepare_docs(model, dataset, bos)
+    docs = prepare_docs(model, dataset, bos, prefix_token(model, cfg))
     plan = [(d, w) for d, doc in enumerate(docs)
             for w in plan_windows(len(doc.seq), window=cfg.window, stride=cfg.stride, convention=cfg.convention)]
     if not plan:
@@ -199,15 +224,16 @@ def score(model: CausalLM, dataset: Dataset, cfg: ScoreConfig = ScoreConfig(), *
         done_targets = total - sum(sum(w.n_targets for _, w in chunks[i]) for i in todo)
         resume_note(len(chunks) - len(todo), len(chunks), done_targets, total, "tokens", enabled=progress)
         with token_progress(f"scoring {dataset.name} with {model.info.name}", total, done_targets, enabled=progress) as advance:
-            for i in todo:
-                rec = _score_windows(model, docs, chunks[i], k, batch_size)
+            # in this process, or sharded over Ray workers (``workers``, or those of an open
+            # ``shards.scale_out``): the same chunks either way, as each is finished
+            for i, rec in shards.score_chunks(model, docs, chunks, todo, k, batch_size, advance,
+                                              workers=workers if workers is not None else shards.active()):
                 if cache and not cache.save_chunk(i, rec) and not load:
                     raise ArfuseError(f"the score cache folder {cache.dir} cannot be written, and with load=False "
                                       "nothing else keeps the records: free the space or set "
                                       "ARFUSE_CACHE=<a writable folder>")
                 if load:
                     parts.append((i, rec))
-                advance(len(rec))
     if cache and not cache.manifest.get("complete"):
         cache.mark_complete(len(chunks), {"targets": total})
     if not load:

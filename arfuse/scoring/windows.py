@@ -12,8 +12,17 @@ Two conventions:
   target but those of the first window sees at least ``window - stride`` tokens of context.
   (With stride == window the guide skips each window's first token; arfuse then starts each
   window one token earlier so that every token is still scored exactly once.)
-- ``disjoint`` (lm-evaluation-harness rolling log-likelihood): consecutive windows of
-  ``window`` targets, each conditioned on the previous token only; cheapest, least context.
+- ``disjoint`` (lm-evaluation-harness 0.4.13's ``loglikelihood_rolling``, exactly): the scorer
+  puts a prefix token before the text (the tokenizer's BOS, else its EOS, as lm-eval's
+  ``prefix_token_id``), so ``s[0]`` is that token and every token of the text is a target. The first
+  window reads ``s[0:window]`` and scores targets 1..window; each next window scores the next
+  ``window`` targets from the one token before them (lm-eval's ``get_rolling_token_windows`` with
+  ``context_len=1`` and ``make_disjoint_window``); the last, shorter window reads back a full
+  ``window`` of input, as lm-eval cuts it. Cheapest; each window but the first and the last
+  conditions on one token of earlier context.
+- ``blocks`` (nanoGPT's and ``arfuse train``'s validation cut; what ``disjoint`` was before it
+  followed lm-eval exactly): consecutive blocks of ``window`` targets, no prefix token, each
+  window reading the token before its targets, the last one short.
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ from dataclasses import dataclass
 
 from arfuse.errors import ArfuseError
 
-CONVENTIONS = ("sliding", "disjoint")
+CONVENTIONS = ("sliding", "disjoint", "blocks")
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,16 @@ def plan_windows(n: int, *, window: int, stride: int | None = None, convention: 
     if n < 2:
         return out
     if convention == "disjoint":
+        # lm-eval: the first window predicts s[1:window+1] from s[0:window] (s[0] the prefix token)
+        end = min(window + 1, n)
+        out.append(Window(0, 1, end))
+        while end < n:
+            a, end = end, min(end + window, n)
+            # the input is the ``window`` tokens before the last target: one token of context for a
+            # full window, a full window read back for the last, shorter one
+            out.append(Window(end - 1 - window, a, end))
+        return out
+    if convention == "blocks":
         a = 0
         while a + 1 < n:
             out.append(Window(a, a + 1, min(a + window + 1, n)))

@@ -1,7 +1,7 @@
 """The union rule across tokenizers, teacher-forced on a text: its probability of the LLM's actual
 next token, as token perplexity in the LLM's tokens and bits per byte.
 
-The LLM reads the text in its own tokens (disjoint windows, as lm-evaluation-harness rolls). The
+The LLM reads the text in its own tokens (consecutive blocks of the window, as the segment records are cut). The
 SLM reads the same text extended piece by piece, one LLM token's text at a time, exactly as it
 does when the union rule generates (``arfuse.adapters.extend.TextExtender``): before LLM token
 t+1 both models have read the same bytes. At each position the union rule (``arfuse.fusion.union``)
@@ -112,7 +112,7 @@ def score_union(large: CausalLM, small: CausalLM, dataset: Dataset, *, ks=KS, wi
     with token_progress(f"union rule on {dataset.name} ({large.info.name} + {small.info.name})", total, 0,
                         enabled=progress) as advance:
         for ids, pieces, s_seq, pos_s, doc_nb, doc_nw in docs:
-            for w in plan_windows(len(ids), window=window, convention="disjoint"):
+            for w in plan_windows(len(ids), window=window, convention="blocks"):
                 x = torch.tensor([ids[w.ctx_start:w.tgt_end - 1]], dtype=torch.long, device=large.device)
                 lpl_all = torch.log_softmax(large.forward_logits(x)[0].float(), dim=-1)   # (n_in, V_L)
                 ps_all = [pos_s[t - 1] for t in range(w.tgt_start, w.tgt_end)]
@@ -148,7 +148,7 @@ def score_union(large: CausalLM, small: CausalLM, dataset: Dataset, *, ks=KS, wi
         raise ArfuseError(f"{dataset.name} gives no token to score with {large.info.name}")
     out = UnionScores(tuple(ks), np.concatenate(lp_large), nbytes=np.concatenate(nbytes), nwords=np.concatenate(nwords),
                       meta={"large": large.info.name, "small": small.info.name, "data": dataset.name,
-                            "window": window, "convention": "disjoint", "bos": bos})
+                            "window": window, "convention": "blocks", "bos": bos})
     for k in ks:
         out.lq_small[k] = np.concatenate(lq[k])
     return out
