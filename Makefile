@@ -32,7 +32,10 @@ extras: $(EXTRAS)
 
 $(EXTRAS): $(STAMP)
 	@echo "installing the optional extras (lm-eval, serve, ray, llamacpp); llama.cpp compiles once, about 5 minutes"
-	$(PIP) install --quiet -e '.[test,lm-eval,serve,ray,llamacpp]'
+	# portable llama.cpp kernels: the native build's repacked Q4_1 buffers segfault on AVX-512/AMX CPUs
+	# (the adapter also switches repacking off, a second guard)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+		$(PIP) install --quiet -e '.[test,lm-eval,serve,ray,llamacpp]'
 	touch $(EXTRAS)
 
 test: $(EXTRAS)
