@@ -310,11 +310,21 @@ class ActorLM(CausalLM):
     def forward_step(self, input_ids: torch.Tensor, past: ActorState | None = None,
                      attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ActorState]:
         """The logits (B, T, V) of the new tokens, computed in the actor on its KV cache."""
+        return self.forward_step_finish(self.forward_step_start(input_ids, past, attention_mask))
+
+    def forward_step_start(self, input_ids: torch.Tensor, past: ActorState | None = None,
+                           attention_mask: torch.Tensor | None = None):
+        """Send a step to the actor and return at once (a handle for ``forward_step_finish``): the
+        decoding loop starts every actor-held model's step before it waits for any of them, so the
+        models compute at the same time (``arfuse.generation.state.feed_all``)."""
         state = past if past is not None else ActorState(self)
         ops, state.ops = state.ops, []
         mask = None if attention_mask is None else attention_mask.cpu()
-        logits = self._get(self.actor.step.remote(state.sid, input_ids.cpu(), mask, ops, self._kernels_on))
-        return logits, state
+        return self.actor.step.remote(state.sid, input_ids.cpu(), mask, ops, self._kernels_on), state
+
+    def forward_step_finish(self, handle) -> tuple[torch.Tensor, ActorState]:
+        ref, state = handle
+        return self._get(ref), state
 
     def fast_kernels(self) -> _RemoteKernels:
         return _RemoteKernels(self)

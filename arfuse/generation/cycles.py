@@ -19,7 +19,7 @@ from arfuse.generation.draft_head import DraftHead
 from arfuse.generation.results import GenerationStats
 from arfuse.generation.sampling import residual, sample, transform
 from arfuse.generation.speculative import accepted_counts
-from arfuse.generation.state import ModelState
+from arfuse.generation.state import ModelState, feed_all
 
 Rule = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 DRAFTER = 1   # the first small model drafts
@@ -68,7 +68,11 @@ class Cycles:
     def plain(self, last: torch.Tensor, U: torch.Tensor | None) -> CycleOut:
         """Feed ``last`` (B,) to every model and pick the next token from P."""
         logps, timing = [], {}
-        for i, st in enumerate(self.states):
+        if any(hasattr(st.model, "forward_step_start") for st in self.states):   # models in actors: at once
+            t0 = time.perf_counter()
+            logps = [lp[:, 0] for lp in feed_all(self.states, last[:, None])]  # each (B, V)
+            timing["verify"] = time.perf_counter() - t0
+        for i, st in enumerate(self.states if not logps else []):
             t0 = time.perf_counter()
             logps.append(st.feed(last[:, None])[:, 0])  # (B, V)
             key = "draft" if i == DRAFTER else "verify"
@@ -94,7 +98,7 @@ class Cycles:
         d, raw = self._draft(last, g, U, copies)
         t1 = time.perf_counter()
         block = torch.cat([last[:, None], d.tokens], 1)  # (B, g + 1)
-        vlp = [st.feed(block) for st in others]  # each (B, g + 1, V)
+        vlp = feed_all(others, block)  # each (B, g + 1, V)
         t2 = time.perf_counter()
 
         def fused(drafter_logp: torch.Tensor, pos) -> torch.Tensor:
@@ -207,7 +211,7 @@ class Cycles:
         valid = torch.arange(G)[None, :] < lens[:, None]
         t1 = time.perf_counter()
         block = torch.cat([last[:, None], draft_t], 1)  # (B, G + 1)
-        lps = [st.feed(block) for st in self.states]
+        lps = feed_all(self.states, block)
         target = self.target(self.rule(lps))  # (B, G + 1, V): P at every position
         first = (target[:, 0], lps[DRAFTER][:, 0] if len(lps) > 1 else None)
         t2 = time.perf_counter()

@@ -27,6 +27,20 @@ class ModelState:
         logits, self.past = self.model.forward_step(ids, self.past, mask)
         return torch.log_softmax(logits.float(), dim=-1)
 
+    def start(self, ids: torch.Tensor, mask: torch.Tensor | None = None):
+        """Begin ``feed`` without waiting, where the model can (``forward_step_start``: a model in
+        another process); None where it cannot."""
+        begin = getattr(self.model, "forward_step_start", None)
+        if begin is None:
+            return None
+        self.fed += 1
+        return begin(ids, self.past, mask)
+
+    def finish(self, handle) -> torch.Tensor:
+        """The log-probs of a step ``start`` began."""
+        logits, self.past = self.model.forward_step_finish(handle)
+        return torch.log_softmax(logits.float(), dim=-1)
+
     def rollback(self, n_fed: int, keep: torch.Tensor) -> None:
         """Of the last ``n_fed`` tokens fed, row b keeps the first ``keep[b]``; the rest are forgotten."""
         if self.past is not None:
@@ -48,3 +62,10 @@ class ModelState:
             self.past = other.past
         elif other.past is not None or n_other:
             self.past.concat(other.past, n_other)
+
+
+def feed_all(states: list[ModelState], ids: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """``[st.feed(ids, mask) for st in states]``, but the steps of models held elsewhere (Ray actors)
+    are all sent before any is waited for, and in-process models run meanwhile: the same results."""
+    handles = [st.start(ids, mask) for st in states]
+    return [st.feed(ids, mask) if h is None else st.finish(h) for st, h in zip(states, handles)]
