@@ -111,8 +111,11 @@ def bench_scoring(args, model, data: Dataset, cfg: ScoreConfig) -> dict:
 
 def prompts_of(data: Dataset, n: int, chars: int) -> list[str]:
     text = " ".join(" ".join(data.documents).split())
-    step = max(chars, len(text) // (n + 1))
-    return [text[i * step: i * step + chars] for i in range(1, n + 2)]   # the first is the warm-up
+    step = max(chars, (len(text) - chars) // (n + 1))   # n + 1 prompts (the first is the warm-up), all inside
+    out = [text[i * step: i * step + chars] for i in range(n + 1)]
+    if len(out[-1]) < chars:
+        raise SystemExit(f"{data.name} holds {len(text):,} characters: too few for {n + 1} prompts of {chars}")
+    return out
 
 
 def bench_generation(args, data: Dataset) -> dict:
