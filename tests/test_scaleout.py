@@ -260,3 +260,37 @@ def test_generation_in_actors_matches_in_process(cluster, tiny_models, one_threa
 
     pids = {lm.actor_pid for lm in _ACTORS.values()}
     assert len(pids) == 2 and os.getpid() not in pids
+
+
+def test_serve_engine_with_models_in_actors_joins_rows_and_matches_generate(cluster, tiny_models, one_thread):
+    """`arfuse serve --placement actors`: the continuous-batching engine over models held in Ray actors.
+    Rows that join a running batch (their KV caches joined inside the actors) and leave it give the
+    texts of in-process generate with the same settings and seed."""
+    from arfuse.generation.api import generate
+    from arfuse.generation.config import GenerationConfig
+    from arfuse.serve.engine import Request
+    from arfuse.serve.server import ServeConfig, build_engine
+
+    large, small = tiny_models["large"], tiny_models["small"]
+    engine, _ = build_engine(ServeConfig(large=large, small=[small], weight=0.6, max_batch=3, max_queue=10,
+                                         placement="actors"))
+    assert all(type(m).__name__ == "ActorLM" for m in engine.models)
+    plan = [(0, "The quick brown fox", {"max_new_tokens": 14, "stop_at_eos": False}),
+            (0, "A", {"max_new_tokens": 8, "temperature": 0.9, "top_p": 0.8, "seed": 5, "stop_at_eos": False}),
+            (3, "In the beginning was", {"max_new_tokens": 10, "stop_at_eos": False}),
+            (5, "A stitch in time", {"max_new_tokens": 6, "temperature": 1.1, "seed": 2, "stop_at_eos": False})]
+    events = [[] for _ in plan]
+    reqs = [None] * len(plan)
+    for it in range(100):
+        for j, (at, prompt, settings) in enumerate(plan):
+            if at == it:
+                cfg = GenerationConfig(**settings)
+                reqs[j] = Request(prompt, cfg, engine.check(prompt, cfg), events[j].append)
+                engine.submit(reqs[j])
+        if it > 5 and engine.idle:
+            break
+        engine._iteration()
+    assert engine.idle and engine.stats.joins >= 1
+    for (_, prompt, settings), evs, r in zip(plan, events, reqs):
+        ref = generate(prompt, large=large, small=small, weight=0.6, **settings)
+        assert "".join(e.text for e in evs) == ref.text and r.row.ids == ref.token_ids, prompt

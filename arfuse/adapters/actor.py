@@ -154,8 +154,18 @@ class _ModelActor:
     @torch.no_grad()
     def step(self, sid: str, ids: torch.Tensor, mask: torch.Tensor | None, ops: list, kernels: bool) -> torch.Tensor:
         st = self.states.get(sid)
-        for name, args in ops:   # the rollbacks and selections queued since the last step, in order
-            if st is not None:
+        for name, args in ops:   # the rollbacks, selections and joins queued since the last step, in order
+            if name == "concat":   # another batch's state joins this one (continuous batching)
+                other_sid, n_other, other_ops = args
+                other = self.states.pop(other_sid, None)
+                for o_name, o_args in other_ops:
+                    if other is not None:
+                        getattr(other, o_name)(*o_args)
+                if st is None:
+                    st = other
+                else:
+                    st.concat(other, n_other)
+            elif st is not None:
                 getattr(st, name)(*args)
         if kernels and self.kernels is None:
             self.kernels = self.model.fast_kernels()
@@ -180,6 +190,7 @@ class ActorState(StepState):
         self.lm = lm
         self.sid = uuid.uuid4().hex
         self.ops: list[tuple[str, tuple]] = []
+        self.keep: list[ActorState] = []   # joined states, alive until their join is sent
 
     def rollback(self, n_fed: int, keep: torch.Tensor) -> None:
         self.ops.append(("rollback", (n_fed, keep.detach().cpu().clone())))
@@ -187,9 +198,21 @@ class ActorState(StepState):
     def select(self, rows: torch.Tensor) -> None:
         self.ops.append(("select", (rows.detach().cpu().clone(),)))
 
+    def concat(self, other: "ActorState | None", n_other: int) -> None:
+        """``other``'s rows (a state of the same actor) join after this state's, in the actor, with the
+        next step; ``other`` is kept alive until then, so that its state is not dropped first."""
+        if other is not None and other.lm is not self.lm:
+            raise ArfuseError("states of different actors cannot be joined: states of one model only")
+        if other is None:
+            raise ArfuseError("an ActorState joins only rows that have seen tokens")
+        self.ops.append(("concat", (other.sid, n_other, list(other.ops))))
+        other.ops = []
+        self.keep.append(other)
+
     def __del__(self):
         with contextlib.suppress(Exception):   # the actor frees the KV cache; nothing to wait for
-            self.lm.actor.drop.remote(self.sid)
+            if self.sid is not None:
+                self.lm.actor.drop.remote(self.sid)
 
 
 class _RemoteKernels:
@@ -320,7 +343,11 @@ class ActorLM(CausalLM):
         state = past if past is not None else ActorState(self)
         ops, state.ops = state.ops, []
         mask = None if attention_mask is None else attention_mask.cpu()
-        return self.actor.step.remote(state.sid, input_ids.cpu(), mask, ops, self._kernels_on), state
+        ref = self.actor.step.remote(state.sid, input_ids.cpu(), mask, ops, self._kernels_on)
+        for joined in state.keep:   # their states now live in this one: nothing left to drop
+            joined.sid = None
+        state.keep = []
+        return ref, state
 
     def forward_step_finish(self, handle) -> tuple[torch.Tensor, ActorState]:
         ref, state = handle

@@ -40,6 +40,11 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--placement", choices=["process", "actors"], default="process",
+                   help="actors: each model (and its KV caches) in a Ray actor of its own, on this machine or "
+                        "the cluster of --ray-address (needs pip install -e '.[ray]'; default: process)")
+    p.add_argument("--ray-address", help="with --placement actors: the Ray cluster to place the models on "
+                                         "(default: a local cluster started here)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -66,5 +71,5 @@ def run(args) -> int:
                       rule_params=rule_params(args), host=args.host, port=args.port, api_key=args.api_key,
                       model_name=args.name, max_batch=args.max_batch, max_queue=args.max_queue, limits=limits,
                       shutdown_timeout=args.shutdown_timeout, device=args.device, dtype=args.dtype,
-                      log_level=args.log_level)
+                      log_level=args.log_level, placement=args.placement, ray_address=args.ray_address)
     return serve(cfg)

@@ -168,6 +168,7 @@ class Engine:
             b.feed(ids)
             try:
                 a.concat(b, 1, 1)
+                a.feed(ids.repeat(2, 1))   # a step after the join (an actor's state joins with its next step)
             except (ArfuseError, NotImplementedError, ValueError, TypeError) as e:
                 kind = type(a.past).__name__ if a.past is not None else "none"
                 why = f" ({e})" if "--max-batch 1" not in str(e) else ""   # the backend's own reason, if new

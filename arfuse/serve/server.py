@@ -389,6 +389,8 @@ class ServeConfig:
     dtype: str = "float32"
     fast_kernels: bool = True
     log_level: str = "info"
+    placement: str = "process"             # "actors": each model in a Ray actor of its own (the extra ray)
+    ray_address: str | None = None
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -397,6 +399,10 @@ class ServeConfig:
             raise ArfuseError(f"shutdown timeout {self.shutdown_timeout} must be >= 0 seconds (--shutdown-timeout)")
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
+        if self.placement not in ("process", "actors"):
+            raise ArfuseError(f"placement {self.placement!r}: use 'process' or 'actors' (--placement)")
+        if self.ray_address is not None and self.placement != "actors":
+            raise ArfuseError("--ray-address places models in actors of that cluster: add --placement actors")
 
 
 def build_engine(cfg: ServeConfig) -> tuple[Engine, str]:
@@ -411,10 +417,15 @@ def build_engine(cfg: ServeConfig) -> tuple[Engine, str]:
     if get_rule(cfg.rule).weighted:   # bad weights fail before any model loads
         resolve_weights(cfg.weight, cfg.weights, 1 + len(smalls))
 
-    def load(spec):
-        return spec if isinstance(spec, CausalLM) else load_model(str(spec), device=cfg.device, dtype=cfg.dtype)
+    if cfg.placement == "actors":   # each model and its KV caches in a Ray actor (arfuse.adapters.actor)
+        from arfuse.generation.api import _load_all
 
-    models = [load(cfg.large)] + [load(s) for s in smalls]
+        models = _load_all([cfg.large, *smalls], cfg.device, cfg.dtype, "actors", cfg.ray_address)
+    else:
+        def load(spec):
+            return spec if isinstance(spec, CausalLM) else load_model(str(spec), device=cfg.device, dtype=cfg.dtype)
+
+        models = [load(cfg.large)] + [load(s) for s in smalls]
     rule = build_rule(models, rule=cfg.rule, weight=cfg.weight, weights=cfg.weights, **params)
     name = cfg.model_name or "+".join(m.info.name for m in models)
     return Engine(models, rule, max_batch=cfg.max_batch, max_queue=cfg.max_queue, fast_kernels=cfg.fast_kernels), name
