@@ -23,7 +23,7 @@ from arfuse.generation.draft_head import DraftHead
 from arfuse.generation.draft_length import DraftLength
 from arfuse.generation.drafters import DRAFTERS, Drafter, Plan, make_drafter
 from arfuse.generation.results import Chunk, GenerationResult, GenerationStats, Row, commit
-from arfuse.generation.state import ModelState
+from arfuse.generation.state import ModelState, left_padded
 from arfuse.generation.text_decoder import TextDecoder
 
 __all__ = ["Chunk", "Decoder", "GenerationResult", "GenerationStats"]
@@ -79,16 +79,10 @@ class Decoder(TextDecoder):
         contexts = all_ids[0]
         last = torch.tensor([s[-1] for s in contexts])
         for i, (st, seqs) in enumerate(zip(states, all_ids)):
-            width = max(len(s) - 1 for s in seqs)
-            if not width:
+            padded = left_padded(seqs)
+            if padded is None:
                 continue
-            ids = torch.zeros(len(seqs), width, dtype=torch.long)
-            mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-            for b, s in enumerate(seqs):  # left padding
-                n = len(s) - 1
-                if n:
-                    ids[b, width - n:] = torch.tensor(s[:-1])
-                    mask[b, width - n:] = True
+            ids, mask = padded
             lp = st.feed(ids, mask)
             if head is not None and i == DRAFTER:
                 real = mask.to(lp.device)

@@ -69,3 +69,19 @@ def feed_all(states: list[ModelState], ids: torch.Tensor, mask: torch.Tensor | N
     are all sent before any is waited for, and in-process models run meanwhile: the same results."""
     handles = [st.start(ids, mask) for st in states]
     return [st.feed(ids, mask) if h is None else st.finish(h) for st, h in zip(states, handles)]
+
+
+def left_padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each sequence but its last token, left-padded to the longest: ids (B, W) and the mask of real
+    tokens (B, W); None when no sequence has more than one token (nothing to feed before the last)."""
+    width = max(len(s) - 1 for s in seqs)
+    if not width:
+        return None
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        n = len(s) - 1
+        if n:
+            ids[b, width - n:] = torch.tensor(s[:-1])
+            mask[b, width - n:] = True
+    return ids, mask

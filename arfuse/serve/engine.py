@@ -37,7 +37,7 @@ from arfuse.generation.cycles import Rule
 from arfuse.generation.decode import Decoder
 from arfuse.generation.results import Row, commit
 from arfuse.generation.sampling import sample, transform
-from arfuse.generation.state import ModelState
+from arfuse.generation.state import ModelState, left_padded
 
 CANCELLED = "cancelled"   # the finish reason of a row the server ended (client gone, shutdown)
 
@@ -307,17 +307,9 @@ class Engine:
         states = [ModelState(m) for m in self.models]
         with self._kernels_on():
             for i, st in enumerate(states):
-                seqs = [r.ids[i] for r in cohort]
-                width = max(len(s) - 1 for s in seqs)
-                if not width:
-                    continue
-                ids = torch.zeros(len(seqs), width, dtype=torch.long)
-                mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-                for b, s in enumerate(seqs):  # left padding
-                    if len(s) > 1:
-                        ids[b, width - len(s) + 1:] = torch.tensor(s[:-1])
-                        mask[b, width - len(s) + 1:] = True
-                st.feed(ids, mask)
+                padded = left_padded([r.ids[i] for r in cohort])
+                if padded is not None:
+                    st.feed(*padded)
         return states
 
     def _join(self, cohort: list[Request], states: list[ModelState]) -> None:
