@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval extra is not installed: pip install -e '.[lm-eval]'")
+from conftest import require_extra
+
+lm_eval = require_extra("lm_eval", "lm-eval")
 
 from arfuse.errors import ArfuseError  # noqa: E402
 from arfuse.serve.harness import lm_class, task_dir  # noqa: E402

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TRAIN_TEXT
+from conftest import TRAIN_TEXT, require_extra
 
 from arfuse.adapters import load_model
 from arfuse.data.text import load_dataset
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 def cluster():
     """A local Ray cluster of 2 CPUs for this module; its address lets subprocess drivers join it."""
     if ray is None:
-        pytest.skip("the ray extra is not installed: pip install -e '.[ray]'")
+        require_extra("ray", "ray")   # skips with the install command; fails in CI, where make test installs it
     from arfuse.adapters.actor import connect
 
     connect(None, num_cpus=2)   # the local cluster `arfuse ... --workers` starts, on 2 CPUs

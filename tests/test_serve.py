@@ -15,9 +15,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
+from conftest import require_extra
+
+require_extra("fastapi", "serve")
+require_extra("uvicorn", "serve")
+openai = require_extra("openai", "test")
 
 from arfuse.generation.api import generate
 
