@@ -30,12 +30,19 @@ demo: $(STAMP)
 # source: about 5 minutes on 2 cores the first time, then pip reuses the wheel it built).
 extras: $(EXTRAS)
 
+# llama.cpp's build: portable kernels (the native build's repacked Q4_1 buffers segfault on AVX-512/AMX
+# CPUs; the adapter also switches repacking off, a second guard), and no llamafile: its sgemm serves only
+# batches of two or more tokens, so one-token steps would differ from a full pass (up to 1.5 nats on
+# SmolLM2's Q4_1 file) and exact decoding would run each lone token as a batch of two, about 1.4x slower
+LLAMA_CMAKE = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_LLAMAFILE=OFF
+
 $(EXTRAS): $(STAMP)
 	@echo "installing the optional extras (lm-eval, serve, ray, llamacpp); llama.cpp compiles once, about 5 minutes"
-	# portable llama.cpp kernels: the native build's repacked Q4_1 buffers segfault on AVX-512/AMX CPUs
-	# (the adapter also switches repacking off, a second guard)
-	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
-		$(PIP) install --quiet -e '.[test,lm-eval,serve,ray,llamacpp]'
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PIP) install --quiet -e '.[test,lm-eval,serve,ray,llamacpp]'
+	# pip reuses a llama.cpp wheel it built before, whatever its flags: rebuild one built with llamafile
+	$(PY) -c "import llama_cpp, sys; sys.exit('LLAMAFILE = 1' in llama_cpp.llama_print_system_info().decode())" || \
+		CMAKE_ARGS="$(LLAMA_CMAKE)" $(PIP) install --quiet --no-cache-dir --force-reinstall --no-deps \
+		"$$($(PY) -c "import importlib.metadata as m; print('llama-cpp-python==' + m.version('llama-cpp-python'))")"
 	touch $(EXTRAS)
 
 test: $(EXTRAS)

@@ -11,7 +11,7 @@
    --prompts passages of --passage-chars characters of --passages (bench_generate.passages):
      - llama.cpp alone: Llama.create_completion(prompt token ids, max_tokens, temperature=0,
        repeat_penalty=1, EOS masked by a logits processor), reset context, model already loaded
-     - arfuse, llama.cpp backend alone (lone tokens as batches of two, the default, and steps="single")
+     - arfuse, llama.cpp backend alone (the default steps="auto", and steps="batched")
      - fused with --slm at --weight, the SLM on transformers (plain, speculative="auto")
      - fused with --slm exported to GGUF (--slm-gguf; `arfuse export-gguf`) on llama.cpp too (plain,
        speculative="auto"): both models on llama.cpp, the drafter cheap
@@ -20,11 +20,14 @@
 3. Exactness: for each engine pairing, speculative greedy text == plain fused greedy text, per prompt;
    where they part, the token index and the plain run's top-two fused probability gap there.
 
-llama.cpp computes a lone token with other kernels than a batch of two or more (on SmolLM2's Q4_1 file
-up to 1.2 nats apart over the vocabulary); speculative verification runs batches, so with steps="single"
-speculative and plain fused greedy text can part at near-ties. The adapter's default runs a lone token as
-a batch of two (arfuse.adapters.llamacpp.STEP_MODES), which makes them equal; the "steps=single" rows
-show what that costs.
+llama.cpp built with llamafile (the stock build) computes a lone token with other kernels than a batch
+of two or more (on SmolLM2's Q4_1 file up to 1.5 nats apart over the vocabulary); speculative verification
+runs batches, so one-token steps there would let speculative and plain fused greedy text part at
+near-ties. The adapter's default steps="auto" probes the build at load: one-token steps where they equal
+a full pass bit for bit (the Makefile's build, without llamafile), else each lone token as a batch of two
+(arfuse.adapters.llamacpp.STEP_MODES). The "steps=batched" rows show what the fallback costs.
+4. The cost of one llama.cpp pass over T = 1, 2, 3, 4, 8 tokens after a 200-token context (the verifying
+   pass of a speculative cycle with T - 1 drafts), median of --pass-reps, against T = 1.
 
 The llama.cpp contexts of "llama.cpp alone" come from the adapter's own helper
 (LlamaCppLM._new_context: use_extra_bufts=False, logits_all=True), since a plain Llama(...) on
@@ -103,8 +106,17 @@ def main(argv=None) -> int:
     ap.add_argument("--passage-chars", type=int, default=300)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="torch threads and llama.cpp threads")
+    ap.add_argument("--pass-reps", type=int, default=30, help="repetitions of each pass-cost measurement")
+    ap.add_argument("--from-json", help="print the report of an earlier run's JSON again (nothing is measured)")
     ap.add_argument("--json", help="write every number here (and the printed text next to it, .txt)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_report(json.loads(Path(args.from_json).read_text()))
+        print(out.getvalue(), end="")
+        Path(args.from_json).with_suffix(".txt").write_text(out.getvalue())
+        return 0
     torch.set_num_threads(args.threads)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -121,10 +133,13 @@ def main(argv=None) -> int:
     report: dict = {"command": "python benchmarks/bench_engines.py " + " ".join(
                         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
                     "threads": args.threads, "torch": torch.__version__, "transformers": transformers.__version__,
-                    "llama_cpp_python": llama_cpp.__version__, "weight": args.weight, "slm": args.slm}
+                    "llama_cpp_python": llama_cpp.__version__, "weight": args.weight, "slm": args.slm,
+                    "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip()}
     problems: list[str] = []
     lc = load_llamacpp(args.llamacpp, n_threads=args.threads)
-    lc_single = load_llamacpp(args.llamacpp, n_threads=args.threads, steps="single")
+    lc_batched = load_llamacpp(args.llamacpp, n_threads=args.threads, steps="batched")
+    report["steps_auto"] = {"chose": lc.steps, "probe": lc.steps_probe}
+    log(f"steps=auto chose {lc.steps!r} ({lc.steps_probe})")
     tf = load_model(args.large)
     slm = load_model(args.slm)
     slm_gguf = Path(args.slm_gguf) if args.slm_gguf else Path(args.slm) / f"model.{args.slm_gguf_dtype}.gguf"
@@ -215,14 +230,14 @@ def main(argv=None) -> int:
     methods = {
         "llama.cpp alone (create_completion)": lc_alone,
         "arfuse, llama.cpp LLM alone": ours(lc),
-        "arfuse, llama.cpp LLM alone, steps=single": ours(lc_single),
+        "arfuse, llama.cpp LLM alone, steps=batched": ours(lc_batched),
         f"arfuse, llama.cpp LLM + kjv-slm fused (w={w})": ours(lc, slm),
         "arfuse, llama.cpp LLM + kjv-slm fused, speculative=auto": ours(lc, slm, speculative="auto"),
         f"arfuse, llama.cpp LLM + kjv-slm on llama.cpp fused (w={w})": ours(lc, slm_lc),
         SPEC_BOTH: ours(lc, slm_lc, speculative="auto"),
-        f"arfuse, llama.cpp LLM steps=single + kjv-slm on llama.cpp fused (w={w})": ours(lc_single, slm_lc),
-        "arfuse, llama.cpp LLM steps=single + kjv-slm on llama.cpp fused, speculative=auto":
-            ours(lc_single, slm_lc, speculative="auto"),
+        f"arfuse, llama.cpp LLM steps=batched + kjv-slm on llama.cpp fused (w={w})": ours(lc_batched, slm_lc),
+        "arfuse, llama.cpp LLM steps=batched + kjv-slm on llama.cpp fused, speculative=auto":
+            ours(lc_batched, slm_lc, speculative="auto"),
         "arfuse, transformers LLM alone": ours(tf),
         f"arfuse, transformers LLM + kjv-slm fused (w={w})": ours(tf, slm),
         "arfuse, transformers LLM + kjv-slm fused, speculative=auto": ours(tf, slm, speculative="auto"),
@@ -230,8 +245,8 @@ def main(argv=None) -> int:
     pairs = {  # plain fused method -> its speculative method, and the models that define P
         f"arfuse, llama.cpp LLM + kjv-slm fused (w={w})": ("arfuse, llama.cpp LLM + kjv-slm fused, speculative=auto", lc, slm),
         f"arfuse, llama.cpp LLM + kjv-slm on llama.cpp fused (w={w})": (SPEC_BOTH, lc, slm_lc),
-        f"arfuse, llama.cpp LLM steps=single + kjv-slm on llama.cpp fused (w={w})":
-            ("arfuse, llama.cpp LLM steps=single + kjv-slm on llama.cpp fused, speculative=auto", lc_single, slm_lc),
+        f"arfuse, llama.cpp LLM steps=batched + kjv-slm on llama.cpp fused (w={w})":
+            ("arfuse, llama.cpp LLM steps=batched + kjv-slm on llama.cpp fused, speculative=auto", lc_batched, slm_lc),
         f"arfuse, transformers LLM + kjv-slm fused (w={w})": ("arfuse, transformers LLM + kjv-slm fused, speculative=auto", tf, slm),
     }
     tot = {k: [0, 0.0] for k in methods}
@@ -282,7 +297,7 @@ def main(argv=None) -> int:
     # same greedy continuations?
     agree = {}
     ref = texts["llama.cpp alone (create_completion)"]
-    for k in ("arfuse, llama.cpp LLM alone", "arfuse, llama.cpp LLM alone, steps=single", "arfuse, transformers LLM alone"):
+    for k in ("arfuse, llama.cpp LLM alone", "arfuse, llama.cpp LLM alone, steps=batched", "arfuse, transformers LLM alone"):
         if texts[k] and ref:
             agree[k] = [x == y for x, y in zip(texts[k], ref)]
     # exactness: speculative == plain fused greedy, per prompt; where they part, P's top-two gap there
@@ -301,6 +316,47 @@ def main(argv=None) -> int:
                             "batch": 1, "rows": gen, "same_text_as_reference": agree, "speculative_equals_plain": exact,
                             "texts": {k: v for k, v in texts.items()}}
 
+    # ---- 4. the cost of a pass over T tokens --------------------------------------------------------
+    ctx_ids = lc.encode(text[:4000]).ids[:200]
+    extra = lc.encode(text[4000:6000]).ids[:8]
+    costs = {}
+    for T in (1, 2, 3, 4, 8):
+        times = []
+        raw.reset()
+        _trim_kv(raw)
+        raw.eval(ctx_ids)
+        for _ in range(args.pass_reps):
+            t0 = time.perf_counter()
+            raw.eval(extra[:T])
+            times.append(time.perf_counter() - t0)
+            raw.n_tokens = len(ctx_ids)
+            _trim_kv(raw)
+        costs[T] = float(np.median(times))
+    slm_raw = slm_lc._new_context()   # the SLM's one-token step on llama.cpp, the same way
+    slm_raw.eval(ctx_ids)
+    times = []
+    for _ in range(args.pass_reps):
+        t0 = time.perf_counter()
+        slm_raw.eval(extra[:1])
+        times.append(time.perf_counter() - t0)
+        slm_raw.n_tokens = len(ctx_ids)
+        _trim_kv(slm_raw)
+    c_slm = float(np.median(times))
+    # the ceiling of a speculative cycle with g drafts at the measured acceptance a, every overhead and the
+    # prefill left out: E[tokens] = (1 - a^(g+1)) / (1 - a) per cycle of g + 1 SLM steps and one LLM pass
+    # over g + 1 tokens, against llama.cpp alone's one-token pass per token
+    a = gen[SPEC_BOTH].get("acceptance_rate")
+    ceiling = None
+    if a is not None:
+        best = max(((1 - a ** (g + 1)) / (1 - a) / (costs[g + 1] + (g + 1) * c_slm), g) for g in (1, 2, 3))
+        plain = 1 / (costs[1] + c_slm)
+        ceiling = {"acceptance": a, "best_g": best[1], "x_llamacpp_alone": best[0] * costs[1],
+                   "plain_fused_x_llamacpp_alone": plain * costs[1]}
+    report["pass_cost"] = {"context": len(ctx_ids), "reps": args.pass_reps,
+                           "seconds": {str(T): c for T, c in costs.items()},
+                           "x_one_token": {str(T): c / costs[1] for T, c in costs.items()},
+                           "slm_one_token_seconds": c_slm, "speculative_ceiling": ceiling}
+
     # ---- goals ---------------------------------------------------------------------------------------
     r_score = sc["arfuse, llama.cpp backend"]["x_llamacpp_alone"]
     r_dec = gen["arfuse, llama.cpp LLM alone"].get("x_llamacpp_alone")
@@ -314,8 +370,8 @@ def main(argv=None) -> int:
          "ratio": r_spec, "met": r_spec is not None and r_spec >= 1.0},
         {"goal": "(also) arfuse fused speculative (llama.cpp LLM, KJV SLM on transformers) >= 1.0x llama.cpp alone",
          "ratio": r_spec_tf, "met": r_spec_tf is not None and r_spec_tf >= 1.0},
-        {"goal": "speculative greedy text == plain fused greedy text (llama.cpp LLM, default steps)",
-         "ratio": None, "met": all(r["same"] for k, v in exact.items() if "steps=single" not in k for r in v)},
+        {"goal": "speculative greedy text == plain fused greedy text (every engine pairing and steps mode)",
+         "ratio": None, "met": bool(exact) and all(r["same"] for v in exact.values() for r in v)},
     ]
     report["problems"] = problems
 
@@ -332,12 +388,37 @@ def main(argv=None) -> int:
     return 0
 
 
+def needed_acceptance(pc: dict) -> dict[int, float | None]:
+    """Per draft length g, the acceptance a at which (1 - a^(g+1)) / (1 - a) tokens per cycle of one LLM pass over
+    g + 1 tokens and g + 1 SLM steps match llama.cpp alone's one-token pass per token (bisection; None: not below 1)."""
+    cost = {int(T): sec for T, sec in pc["seconds"].items()}
+    c_slm = pc["slm_one_token_seconds"]
+    out = {}
+    for g in (1, 2, 3):
+        if g + 1 not in cost:
+            continue
+        rate = lambda a: (1 - a ** (g + 1)) / (1 - a) / (cost[g + 1] + (g + 1) * c_slm) * cost[1]  # noqa: E731
+        lo, hi = 0.0, 0.999999
+        if rate(hi) < 1.0:
+            out[g] = None
+            continue
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if rate(mid) < 1.0 else (lo, mid)
+        out[g] = hi
+    return out
+
+
 def print_report(r: dict) -> None:
     s = r["scoring"]
     print(f"# llama.cpp vs transformers (issue 19)\n\n{r['models']['llamacpp']} ({Path(r['models']['llamacpp_gguf']).name}) "
           f"and {r['models']['transformers']} (transformers, float32); SLM {r['models']['slm']}, w = {r['weight']}; "
           f"{r['threads']} thread(s); llama-cpp-python {r['llama_cpp_python']}, torch {r['torch']}, "
           f"transformers {r['transformers']}")
+    print(f"\nllama.cpp build: {r['llama_cpp_system_info']}")
+    sa = r["steps_auto"]
+    print(f"\nsteps=auto chose {sa['chose']!r}: one-token steps against a full pass over {sa['probe']['tokens']} tokens, "
+          f"largest logit difference {sa['probe']['max_abs_logit_diff']}")
     print(f"\n## Scoring: {s['data']}, disjoint windows of {s['window']}, BOS never\n")
     print("| engine | tokens | seconds | tokens/s | x llama.cpp alone | x transformers | perplexity |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -372,6 +453,21 @@ def print_report(r: dict) -> None:
     for k, v in g["speculative_equals_plain"].items():
         cells = ["same" if x["same"] else f"differs at token {x['first_diff']} (top-two gap {x['fused_top2_gap']:.2e})" for x in v]
         print(f"- {k}: {'; '.join(cells)}")
+    pc = r.get("pass_cost")
+    if pc:
+        print(f"\n## One llama.cpp pass over T tokens after {pc['context']} tokens of context (median of {pc['reps']})\n")
+        print("| T | ms | x T = 1 |\n|---:|---:|---:|")
+        for T, sec in pc["seconds"].items():
+            print(f"| {T} | {1000 * sec:.2f} | {pc['x_one_token'][T]:.2f} |")
+        print(f"\nThe SLM's one-token step on llama.cpp: {1000 * pc['slm_one_token_seconds']:.2f} ms.")
+        c = pc.get("speculative_ceiling")
+        if c:
+            print(f"Ceiling of fused decoding with every overhead and the prefill left out, against llama.cpp alone's "
+                  f"one-token pass: plain {c['plain_fused_x_llamacpp_alone']:.3f}x; speculative at the measured "
+                  f"acceptance {c['acceptance']:.3f}, best g = {c['best_g']}: {c['x_llamacpp_alone']:.3f}x")
+            need = needed_acceptance(pc)
+            print("Acceptance a drafter would need for that ceiling to reach 1.0x: " + "; ".join(
+                f"g = {g}: {a:.3f}" if a is not None else f"g = {g}: none below 1" for g, a in need.items()))
     print("\n## Issue 19 goals\n")
     for x in r["goals"]:
         ratio = f"{x['ratio']:.3f}x" if x["ratio"] is not None else "n/a"

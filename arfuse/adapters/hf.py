@@ -170,6 +170,34 @@ def _no_transformers_bars():
             hf_logging.enable_progress_bar()
 
 
+# `arfuse export-gguf` stores the Hugging Face tokenizer a run was trained with next to llama.cpp's own
+# tokenizer metadata: loaded from there, the exported model's tokenizer is the run's, fingerprint and all,
+# so it fuses with models of that tokenizer on either engine (transformers' conversion of llama.cpp's
+# metadata tokenises the same but is serialised differently)
+EMBEDDED_TOKENIZER_KEYS = {"tokenizer.json": "arfuse.tokenizer.json",
+                           "tokenizer_config.json": "arfuse.tokenizer_config.json"}
+
+
+def gguf_embedded_tokenizer(path: Path):
+    """The Hugging Face tokenizer ``arfuse export-gguf`` stored in a GGUF file, or None (any other file)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    fields = gguf.GGUFReader(str(path)).fields
+    texts = {name: fields[key].contents() for name, key in EMBEDDED_TOKENIZER_KEYS.items() if key in fields}
+    if "tokenizer.json" not in texts:
+        return None
+    folder = cache_root() / "gguf-tokenizer" / fingerprint_json(texts)
+    if not (folder / "tokenizer.json").exists():
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            (tmp / name).write_text(text)
+        if not folder.exists():
+            tmp.replace(folder)
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
 def load_hf_tokenizer(spec: str):
     """A Hugging Face tokenizer from a hub id, a folder, or the tokenizer inside a GGUF file."""
     from transformers import AutoTokenizer
@@ -178,8 +206,11 @@ def load_hf_tokenizer(spec: str):
     if path.suffix == ".gguf":
         check_gguf_file(path)
         conv, _ = gguf_converted_dir(path)
-        if (conv / "tokenizer_config.json").exists():
+        if (conv / "tokenizer_config.json").exists():   # the transformers backend's conversion, if made
             return AutoTokenizer.from_pretrained(conv)
+        embedded = gguf_embedded_tokenizer(path)
+        if embedded is not None:
+            return embedded
         check_gguf_file(path, deep=True)
         with _gguf_conversion(path):
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -313,7 +344,8 @@ class HFCausalLM(HFTokenizerMethods, CausalLM):
             if not (conv / "config.json").exists():
                 check_gguf_file(path, deep=True)
                 with _gguf_conversion(path):
-                    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                    tok = gguf_embedded_tokenizer(path) or AutoTokenizer.from_pretrained(str(path.parent),
+                                                                                         gguf_file=path.name)
                     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                  dtype=torch.float32)
                 # the dequantised float32 weights are plain weights: save them as such

@@ -11,9 +11,9 @@ transformers backend's: ``info.kind`` is "llamacpp" and the identity names the e
 llama.cpp runs one sequence per context: ``forward_logits`` feeds the batch rows one by one through
 one scoring context; ``forward_step`` gives each batch row a context of its own (a ``Llama`` object:
 the weights are memory-mapped once by the OS, each context adds its KV cache), whose KV cache is
-trimmed on rollback. A lone token runs as a batch of two by default (``STEP_MODES`` below), so that a
-step's logits never depend on how many tokens it fed: speculative decoding then reproduces the plain
-fused greedy output exactly.
+trimmed on rollback. A step's logits never depend on how many tokens it fed (``STEP_MODES`` below: where
+llama.cpp's one-token kernels differ from its batch kernels, a lone token runs as a batch of two), so
+speculative decoding reproduces the plain fused greedy output exactly.
 """
 from __future__ import annotations
 
@@ -37,15 +37,19 @@ PREFIX = "llamacpp:"
 INSTALL_HINT = ("the llama.cpp backend needs llama-cpp-python: pip install -e '.[llamacpp]' "
                 "(compiles llama.cpp, several minutes)")
 DEFAULT_N_CTX = 2048   # the scorer's default window (1024) and a generation after it
-# How a lone token is run. llama.cpp computes a one-token batch with other kernels than a batch of two
-# or more: on SmolLM2's Q4_1 file its log-probs differ from a full pass by up to 1.2 nats over the
-# vocabulary (mean 0.13), while every batch of 2 or more tokens gives logits bit-identical to a full
-# pass. "batched" runs a lone token as a batch of two (the token twice) and drops the second from the
-# KV cache: every step then equals a full forward, so speculative decoding (which verifies drafts in
-# batches) gives exactly the plain fused output and generation agrees with the scores. "single" runs
-# llama.cpp's one-token path: about a third faster per lone token, but not equal to a full forward.
-STEP_MODES = ("batched", "single")
-DEFAULT_STEPS = "batched"
+# How a lone token is run. llama.cpp's stock build computes a one-token batch with other kernels than a
+# batch of two or more (its llamafile sgemm serves only batches: on SmolLM2's Q4_1 file a one-token step's
+# log-probs differ from a full pass by up to 1.5 nats over the vocabulary), while every batch of 2 or more
+# tokens gives logits bit-identical to a full pass. Built without llamafile (-DGGML_LLAMAFILE=OFF, as the
+# Makefile builds it) the two paths are one and a one-token step equals a full pass bit for bit.
+# "batched" runs a lone token as a batch of two (the token twice) and drops the second from the KV cache:
+# every step equals a full forward on any build, so speculative decoding (which verifies drafts in
+# batches) gives exactly the plain fused output and generation agrees with the scores; it costs about
+# 1.4x a one-token step. "single" runs llama.cpp's one-token path. "auto" (the default) probes the build
+# and file at load: "single" where a one-token step gives a full pass's logits bit for bit, else "batched".
+STEP_MODES = ("auto", "batched", "single")
+DEFAULT_STEPS = "auto"
+PROBE_TEXT = "In the beginning God created the heaven and the earth, 4004 years before 1 A.D.; or so it's said."
 
 
 def is_llamacpp_spec(spec: str) -> bool:
@@ -155,8 +159,9 @@ class LlamaCppLM(HFTokenizerMethods, CausalLM):
                  n_threads: int | None = None, steps: str | None = None):
         steps = steps or DEFAULT_STEPS
         if steps not in STEP_MODES:
-            raise ArfuseError(f"steps {steps!r}: use 'batched' (a lone token runs as a batch of two: every step "
-                              "equals a full forward) or 'single' (llama.cpp's one-token path: faster, not equal)")
+            raise ArfuseError(f"steps {steps!r}: use 'auto' (the default: 'single' where this build's one-token "
+                              "step equals a full pass, else 'batched'), 'batched' (a lone token runs as a batch of "
+                              "two: every step equals a full forward) or 'single' (llama.cpp's one-token path)")
         self.steps = steps
         llama_cpp = _import_llama_cpp()
         gguf = Path(path)
@@ -187,6 +192,34 @@ class LlamaCppLM(HFTokenizerMethods, CausalLM):
             identity={"gguf_sha256": file_sha256(gguf), "engine": "llama.cpp",
                       "llama_cpp_python": getattr(llama_cpp, "__version__", None)},
         )
+        self.steps_probe: dict | None = None   # what "auto" measured at load
+        if self.steps == "auto":
+            self.steps_probe = self._probe_steps()
+            self.steps = self.steps_probe["steps"]
+
+    def _probe_steps(self) -> dict:
+        """Do one-token steps give a full pass's logits bit for bit on this build and file? Feeds a short
+        text once as one batch and once token by token through the scoring context (a few milliseconds
+        per token). Kernels are deterministic: where the two paths are one, they agree on every input."""
+        ids = self.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:16]
+        if len(ids) < 2:
+            return {"steps": "batched", "tokens": len(ids), "max_abs_logit_diff": None}
+        llm = self._scorer
+        llm.reset()
+        _trim_kv(llm)
+        llm.eval(ids)
+        full = np.array(llm.scores[:len(ids)], dtype=np.float32)
+        llm.reset()
+        _trim_kv(llm)
+        single = []
+        for t in ids:
+            at = llm.n_tokens
+            llm.eval([t])
+            single.append(np.array(llm.scores[at], dtype=np.float32))
+        llm.reset()
+        _trim_kv(llm)
+        gap = float(np.abs(np.stack(single) - full).max())
+        return {"steps": "single" if gap == 0.0 else "batched", "tokens": len(ids), "max_abs_logit_diff": gap}
 
     def _new_context(self):
         import llama_cpp.llama_cpp as lowlevel

@@ -199,18 +199,19 @@ def workers_from_args(args):
     return Workers(n, address=args.ray_address, num_cpus=args.worker_cpus, num_gpus=args.worker_gpus)
 
 
-ENGINES = ("auto", "vllm")
+ENGINES = ("auto", "llamacpp", "vllm")
 
 
 def add_backend_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=ENGINES, default="auto",
-                   help="the engine that scores: auto (the backend that recognises each model: transformers, "
-                        "llama.cpp, ...) or vllm (GPU, prompt_logprobs; pip install -e '.[vllm]'); the same as "
-                        "writing vllm:MODEL")
+                   help="the engine that scores every model: auto (the backend that recognises each model; a "
+                        ".gguf file runs on transformers, whose batched forward scores fastest on a CPU), "
+                        "llamacpp (GGUF files as they are; pip install -e '.[llamacpp]') or vllm (GPU, "
+                        "prompt_logprobs; pip install -e '.[vllm]'); the same as writing ENGINE:MODEL for each")
 
 
 def backend_spec(args, spec: str) -> str:
-    """``spec`` as the chosen --backend loads it (``vllm:SPEC`` for --backend vllm)."""
+    """``spec`` as the chosen --backend loads it (``llamacpp:SPEC`` for --backend llamacpp)."""
     engine = getattr(args, "backend", "auto")
     if engine == "auto" or spec.startswith(f"{engine}:"):
         return spec

@@ -8,14 +8,18 @@ def register(sub) -> None:
     p = sub.add_parser(
         "export-gguf", help="write a trained transformer SLM (GPT-2 or Llama) and its tokenizer as a GGUF file",
         description="Export a run folder of `arfuse train --arch transformer` to GGUF for the llama.cpp backend "
-                    "(load it as llamacpp:OUT.gguf). The tokenizer is copied from the GGUF file it came from "
-                    "(e.g. smollm2-135m), after checking that it is the same.")
+                    "(load it as llamacpp:OUT.gguf). The tokenizer goes into the file: one that came from a GGUF "
+                    "file (e.g. smollm2-135m) is copied from it, after checking that it is the same; a Hugging Face "
+                    "byte-level BPE (a GPT-2-style tokenizer.json, e.g. tokenizer = \"gpt2\") is written from the "
+                    "run's tokenizer.json (pre-tokenizers llama.cpp knows: GPT-2's, SmolLM's, Llama 3's, Qwen2's). "
+                    "Other kinds (SentencePiece, WordPiece, word-level) need --tokenizer-gguf.")
     p.add_argument("run", help="the run folder (`arfuse train --out`)")
     p.add_argument("out", help="the GGUF file to write (.gguf)")
     p.add_argument("--dtype", choices=["f32", "f16"], default="f32",
                    help="weight matrices in float32 (scores as transformers does) or float16 (half the size)")
-    p.add_argument("--tokenizer-gguf", metavar="FILE", help="a GGUF file holding the run's tokenizer (default: the "
-                   "one the run was trained on, from its arfuse.json)")
+    p.add_argument("--tokenizer-gguf", metavar="FILE", help="a GGUF file holding the run's tokenizer, whose "
+                   "tokenizer metadata is copied (default: the GGUF file the run's tokenizer came from, per its "
+                   "arfuse.json; else the run's byte-level BPE tokenizer.json, written out)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)

@@ -14,10 +14,22 @@ The models ``arfuse train`` writes as Hugging Face folders map onto llama.cpp's 
 Anything else is refused with the part that does not map (an LSTM/GRU, an activation llama.cpp's
 architecture does not compute, biases or rope scaling it has no slot for).
 
-The tokenizer goes into the file too: llama.cpp tokenises with it. A run trained on a tokenizer that
-came from a GGUF file (``tokenizer = "smollm2-135m"``, the KJV SLM's) gets that file's ``tokenizer.*``
-metadata copied, after checking that the two tokenizers are the same (their fingerprints);
-another GGUF holding the same tokenizer can be named with ``tokenizer_gguf``.
+The tokenizer goes into the file too: llama.cpp tokenises with it. Which tokenizers export:
+
+- one that came from a GGUF file (``tokenizer = "smollm2-135m"``, the KJV SLM's): that file's ``tokenizer.*``
+  metadata is copied, after checking that the two tokenizers are the same (their fingerprints); another
+  GGUF holding the same tokenizer can be named with ``tokenizer_gguf`` (``--tokenizer-gguf``), for any run.
+- a Hugging Face byte-level BPE (a GPT-2-style tokenizer.json: ``tokenizer = "gpt2"``, GPT-NeoX's, one
+  trained with ``tokenizers``' ByteLevelBPETokenizer): the metadata is written from the run's tokenizer.json,
+  as llama.cpp's convert_hf_to_gguf.py does: llama.cpp's ``gpt2`` tokenizer model, the pre-tokenizer by the
+  name llama.cpp knows it (GPT-2's regex -> ``gpt-2``; digits split one by one before it -> ``smollm``;
+  Llama 3's and Qwen2's regex splits -> ``llama-bpe``, ``qwen2``: PRE_TOKENIZERS), the tokens in id order
+  (special added tokens as control tokens, other added tokens user-defined, ids without a token unused),
+  the merges, the BOS/EOS/UNK/PAD ids the tokenizer has, and add_bos/add_eos as the tokenizer adds them.
+  A pre-tokenizer, normaliser (NFC only, with a note) or BPE option llama.cpp has no counterpart for is
+  refused, naming it.
+- anything else (SentencePiece unigram or BPE, WordPiece, arfuse's word-level vocabulary) is refused, naming
+  the kind: llama.cpp reads such a tokenizer only from a GGUF file (give one with ``--tokenizer-gguf``).
 
 A compact-vocabulary run (models.py) is exported by ``arfuse train`` at the full vocabulary already,
 every unseen token sharing one row: the GGUF holds that full-vocabulary model.
@@ -31,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from arfuse.adapters.hf import EMBEDDED_TOKENIZER_KEYS
 from arfuse.errors import ArfuseError
 
 DTYPES = ("f32", "f16")
@@ -44,7 +57,7 @@ class ExportResult:
     dtype: str
     n_tensors: int
     n_bytes: int
-    tokenizer_from: str  # the GGUF file whose tokenizer metadata was copied
+    tokenizer_from: str  # the GGUF file whose tokenizer metadata was copied, or the tokenizer.json it was written from
     notes: list[str]
 
     def describe(self) -> dict:
@@ -203,15 +216,8 @@ def _tokenizer_source(folder: Path, meta: dict | None, tokenizer_gguf: str | Non
     from arfuse.adapters.hf import load_hf_tokenizer
     from arfuse.train.tokenizers import fingerprint_of
 
-    if tokenizer_gguf is None:
-        tok = (meta or {}).get("tokenizer") or {}
-        if tok.get("kind") != "gguf":
-            raise ArfuseError(
-                f"{folder} was trained on the tokenizer {tok.get('spec', '(unknown)')!r} ({tok.get('kind', 'no arfuse.json')}), "
-                "which does not come from a GGUF file: llama.cpp needs the tokenizer in GGUF form; give a GGUF file "
-                "holding the same tokenizer (--tokenizer-gguf FILE.gguf), or train on a GGUF tokenizer "
-                "(tokenizer = \"smollm2-135m\")")
-        tokenizer_gguf = tok["spec"]
+    if tokenizer_gguf is None:   # the run's own tokenizer came from a GGUF file (arfuse.json says which)
+        tokenizer_gguf = ((meta or {}).get("tokenizer") or {})["spec"]
     spec = tokenizer_gguf
     path = Path(resolve_alias(spec) if spec.lower() in ALIASES else spec).expanduser()
     if path.suffix != ".gguf" or not path.is_file():
@@ -247,6 +253,199 @@ def _copy_tokenizer(writer, source: Path, vocab_size: int) -> None:
             writer.add_key_value(key, f.contents(), vtype)
 
 
+# ---- the tokenizer: written from a Hugging Face byte-level BPE -------------------------------------
+# Pre-tokenizers llama.cpp knows by name (tokenizer.ggml.pre), recognised from the tokenizer.json's
+# pre_tokenizer: llama.cpp runs its own copy of the split each name stands for (src/llama-vocab.cpp).
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# signature of the pre-tokenizer (see _pre_signature) -> (llama.cpp's name, whether llama.cpp then ignores merges
+# for pieces already in the vocabulary, as Hugging Face's BPE ignore_merges does)
+PRE_TOKENIZERS = {
+    ("bytelevel",): ("gpt-2", False),                                   # GPT-2, GPT-NeoX/Pythia
+    ("digits", "bytelevel"): ("smollm", False),                         # SmolLM, StarCoder: digits one by one
+    ("split:" + GPT2_SPLIT, "bytelevel-noregex"): ("gpt-2", False),
+    ("split:" + LLAMA3_SPLIT, "bytelevel-noregex"): ("llama-bpe", True),  # Llama 3
+    ("split:" + QWEN2_SPLIT, "bytelevel-noregex"): ("qwen2", False),      # Qwen2
+}
+BYTE_LEVEL_FIX = ("give a GGUF file holding the same tokenizer (--tokenizer-gguf FILE.gguf), or train on a "
+                  "byte-level BPE tokenizer (tokenizer = \"gpt2\") or a GGUF one (tokenizer = \"smollm2-135m\")")
+
+
+@dataclass
+class HFVocab:
+    """The tokenizer.* metadata written for a Hugging Face byte-level BPE (llama.cpp's "gpt2" tokenizer model)."""
+
+    pre: str                  # tokenizer.ggml.pre
+    tokens: list[str]         # in id order, byte-level encoded as in the vocabulary; added tokens as their text
+    types: list[int]          # gguf.TokenType: NORMAL, CONTROL (special added), USER_DEFINED (other added), UNUSED
+    merges: list[str]         # "left right", in rank order
+    special: dict[str, int]   # bos / eos / unk / pad -> id, where the tokenizer has them
+    add_bos: bool             # the tokenizer puts BOS before a text when asked for special tokens
+    add_eos: bool
+
+
+def _byte_level_alphabet() -> set[str]:
+    """The 256 characters GPT-2's byte-level BPE writes bytes as (printable ones as themselves)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, n = set(map(chr, keep)), 0
+    for b in range(256):
+        if b not in keep:
+            out.add(chr(256 + n))
+            n += 1
+    return out
+
+
+def _kind_of(model: dict, pre: dict | None) -> str | None:
+    """What a non-byte-level tokenizer is, in words; None for a BPE that may be byte-level."""
+    mtype = model.get("type")
+    if mtype == "Unigram":
+        return "a SentencePiece unigram tokenizer"
+    if mtype == "WordPiece":
+        return "a WordPiece tokenizer"
+    if mtype == "WordLevel":
+        return "a word-level tokenizer"
+    if mtype != "BPE":
+        return f"a {mtype} tokenizer"
+    steps = (pre or {}).get("pretokenizers", [pre]) if pre else []
+    if model.get("byte_fallback") or any((s or {}).get("type") == "Metaspace" for s in steps):
+        return "a SentencePiece BPE tokenizer (Metaspace / byte fallback)"
+    return None
+
+
+def _pre_signature(pre: dict | None) -> tuple[str, ...] | None:
+    """The pre-tokenizer as a key of PRE_TOKENIZERS; None where a step has settings no llama.cpp split has."""
+    if not pre:
+        return None
+    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+    sig = []
+    for s in steps:
+        t = s.get("type")
+        if t == "ByteLevel":
+            if s.get("add_prefix_space", False):
+                return None   # llama.cpp never puts a space before a BPE text
+            sig.append("bytelevel" if s.get("use_regex", True) else "bytelevel-noregex")
+        elif t == "Digits" and s.get("individual_digits"):
+            sig.append("digits")
+        elif (t == "Split" and s.get("behavior") == "Isolated" and not s.get("invert")
+              and "Regex" in (s.get("pattern") or {})):
+            sig.append("split:" + s["pattern"]["Regex"])
+        else:
+            return None
+    return tuple(sig)
+
+
+def _special_in_text(tok, with_special: list[int], plain: list[int]) -> tuple[list[int], list[int]] | None:
+    """(the ids the tokenizer puts before a text, those after) when it is asked for special tokens."""
+    n = len(plain)
+    for k in range(len(with_special) - n + 1):
+        if with_special[k:k + n] == plain:
+            return with_special[:k], with_special[k + n:]
+    return None
+
+
+def _hf_bpe_vocab(folder: Path, tok_meta: dict, vocab_size: int, notes: list[str]) -> HFVocab:
+    """The GGUF tokenizer metadata of the run's Hugging Face tokenizer, a byte-level BPE; errors that say
+    which part llama.cpp could not reproduce."""
+    from gguf import TokenType
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise ArfuseError(f"{folder} has no usable tokenizer ({str(e).splitlines()[0]}): the folder is incomplete") from None
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        raise ArfuseError(f"{folder} holds a slow tokenizer (no tokenizer.json): llama.cpp's tokenizer is written from "
+                          f"a tokenizer.json; {BYTE_LEVEL_FIX}")
+    spec = f"{tok_meta.get('spec', folder.name)!r}"
+    j = json.loads(backend.to_str())
+    model, pre, norm = j["model"], j.get("pre_tokenizer"), j.get("normalizer")
+    kind = _kind_of(model, pre)
+    if kind:
+        raise ArfuseError(f"{folder} was trained on the tokenizer {spec}, {kind}, which does not come from a GGUF file: "
+                          "arfuse writes llama.cpp's tokenizer itself only for byte-level BPE tokenizers (GPT-2 style); "
+                          f"{BYTE_LEVEL_FIX}")
+
+    def refuse(what: str) -> ArfuseError:
+        return ArfuseError(f"{folder}: the tokenizer {spec} is a BPE, but {what}: llama.cpp would tokenise text "
+                           f"differently; {BYTE_LEVEL_FIX}")
+
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise refuse(f"its {key} is {model[key]!r} (llama.cpp's BPE has none)")
+    sig = _pre_signature(pre)
+    if sig not in PRE_TOKENIZERS:
+        raise refuse(f"its pre-tokenizer {json.dumps(pre)[:300]} is none that llama.cpp knows by name "
+                     f"(known: {', '.join(sorted({p for p, _ in PRE_TOKENIZERS.values()}))})")
+    pre_name, ignores_merges = PRE_TOKENIZERS[sig]
+    if bool(model.get("ignore_merges", False)) != ignores_merges:
+        raise refuse(f"its ignore_merges is {bool(model.get('ignore_merges'))}, and llama.cpp's {pre_name!r} "
+                     f"pre-tokenizer has {ignores_merges}")
+    if norm is not None:
+        if norm.get("type") != "NFC":
+            raise refuse(f"its normalizer {json.dumps(norm)[:200]} has no counterpart in llama.cpp")
+        notes.append("tokenizer: llama.cpp does not NFC-normalise text as the Hugging Face tokenizer does: text not "
+                     "already in NFC may tokenise differently there")
+
+    bpe_vocab: dict[str, int] = model["vocab"]
+    alphabet = _byte_level_alphabet()
+    odd = next((t for t in bpe_vocab if not set(t) <= alphabet), None)
+    if odd is not None:
+        raise refuse(f"its vocabulary is not byte-level (the token {odd!r} has characters outside GPT-2's byte "
+                     "alphabet)")
+    merges = []
+    for m in model.get("merges", []):
+        pair = m.split(" ") if isinstance(m, str) else list(m)
+        if len(pair) != 2 or any(" " in p or not p for p in pair):
+            raise refuse(f"its merge {m!r} is not a pair of tokens without spaces")
+        merges.append(" ".join(pair))
+
+    by_id: dict[int, tuple[str, int]] = {i: (t, TokenType.NORMAL) for t, i in bpe_vocab.items()}
+    for a in j.get("added_tokens", []):  # matched on the raw text by llama.cpp, before pre-tokenization
+        by_id[a["id"]] = (a["content"], TokenType.CONTROL if a.get("special") else TokenType.USER_DEFINED)
+    n = max(by_id) + 1
+    if n > vocab_size:
+        raise ArfuseError(f"the tokenizer of {folder} has {n:,} token ids but the model's vocabulary has {vocab_size:,} "
+                          "rows: the folder's tokenizer is not the model's")
+    tokens, types = [], []
+    for i in range(vocab_size):  # ids without a token (and rows past the tokenizer): unused placeholders
+        t, ty = by_id.get(i, (f"[PAD{i}]", TokenType.UNUSED))
+        tokens.append(t)
+        types.append(int(ty))
+    if n < vocab_size or len(by_id) < n:
+        notes.append(f"tokenizer: {vocab_size - len(by_id):,} model rows have no token (written as unused [PADn])")
+
+    special = {}
+    for name in ("bos", "eos", "unk", "pad"):
+        i = getattr(hf, f"{name}_token_id", None)
+        if i is not None:
+            special[name] = int(i)
+    probe = "Hello world, it's 2024."
+    found = _special_in_text(hf, hf(probe)["input_ids"], hf(probe, add_special_tokens=False)["input_ids"])
+    if found is None:
+        raise refuse("its post-processor changes the tokens of a text, not only adds special tokens around it")
+    before, after = found
+    if before not in ([], [special.get("bos")]) or after not in ([], [special.get("eos")]):
+        raise refuse(f"its post-processor adds {before} before and {after} after a text, and llama.cpp can add only "
+                     "the BOS token before and the EOS token after")
+    return HFVocab(pre_name, tokens, types, merges, special, bool(before), bool(after))
+
+
+def _write_hf_vocab(writer, v: HFVocab) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(v.pre)
+    writer.add_token_list(v.tokens)
+    writer.add_token_types(v.types)
+    writer.add_token_merges(v.merges)
+    for name, i in v.special.items():
+        getattr(writer, f"add_{name}_token_id")(i)
+    writer.add_add_bos_token(v.add_bos)
+    writer.add_add_eos_token(v.add_eos)
+
+
 # ---- the export ------------------------------------------------------------------------------------
 def export_gguf(run: str | Path, out: str | Path, *, dtype: str = "f32", tokenizer_gguf: str | None = None,
                 overwrite: bool = False) -> ExportResult:
@@ -274,7 +473,15 @@ def export_gguf(run: str | Path, out: str | Path, *, dtype: str = "f32", tokeniz
         raise _refuse(folder, f"its weights lack {e.args[0]!r}, which a {model_type} model has: the folder is "
                               "damaged or not a plain transformers model") from None
     vocab = int(cfg["vocab_size"])
-    source = _tokenizer_source(folder, meta, tokenizer_gguf)
+    tok_meta = (meta or {}).get("tokenizer") or {}
+    hf_vocab = None
+    if tokenizer_gguf is not None or tok_meta.get("kind") == "gguf":
+        source = _tokenizer_source(folder, meta, tokenizer_gguf)
+    else:   # a Hugging Face tokenizer: llama.cpp's metadata written from it (byte-level BPE only)
+        hf_vocab = _hf_bpe_vocab(folder, tok_meta, vocab, notes)
+        source = folder / "tokenizer.json"
+        notes.append(f"tokenizer: written from {source.name} (byte-level BPE, llama.cpp pre-tokenizer "
+                     f"{hf_vocab.pre!r}, add_bos {hf_vocab.add_bos})")
 
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -285,7 +492,15 @@ def export_gguf(run: str | Path, out: str | Path, *, dtype: str = "f32", tokeniz
         writer.add_vocab_size(vocab)
         for key, value in hp.items():
             getattr(writer, f"add_{key}")(value)
-        _copy_tokenizer(writer, source, vocab)
+        if hf_vocab is None:
+            _copy_tokenizer(writer, source, vocab)
+        else:
+            _write_hf_vocab(writer, hf_vocab)
+            # the run's own tokenizer files too: arfuse loads the exported model with them (an identical
+            # tokenizer fingerprint), so it fuses with models of that tokenizer on either engine
+            for name, key in EMBEDDED_TOKENIZER_KEYS.items():
+                if (folder / name).exists():
+                    writer.add_string(key, (folder / name).read_text())
         n_bytes = 0
         for name, t in tensors:
             a = t.detach().float().contiguous().numpy()
