@@ -92,16 +92,21 @@ def check_gguf_file(path: Path, *, deep: bool = False) -> None:
         head = f.read(4)
     if head != GGUF_MAGIC:
         raise _bad_gguf(path, f"it starts with {head!r}, not the GGUF magic {GGUF_MAGIC!r}")
-    if not deep:
-        return
+    if deep:
+        read_gguf(path)
+
+
+def read_gguf(path: Path):
+    """The ``gguf`` package's reader of ``path`` (header and tensor table, memory-mapped), or None without
+    that package; a damaged file fails with the file, its size and the fix."""
     try:
         from gguf import GGUFReader
     except ImportError:  # transformers reads the file itself; its failures are caught around the conversion
-        return
+        return None
     import struct
 
     try:
-        GGUFReader(str(path))
+        return GGUFReader(str(path))
     except (struct.error, ValueError, IndexError, KeyError, TypeError, OverflowError, EOFError, OSError) as e:
         # a short read (struct.error), "cannot reshape array" (tensor data cut off), ...
         raise _bad_gguf(path, f"its header or tensors end early: {_first_line(e)}") from None
@@ -180,10 +185,12 @@ EMBEDDED_TOKENIZER_KEYS = {"tokenizer.json": "arfuse.tokenizer.json",
 
 def gguf_embedded_tokenizer(path: Path):
     """The Hugging Face tokenizer ``arfuse export-gguf`` stored in a GGUF file, or None (any other file)."""
-    import gguf
     from transformers import AutoTokenizer
 
-    fields = gguf.GGUFReader(str(path)).fields
+    reader = read_gguf(path)
+    if reader is None:
+        return None
+    fields = reader.fields
     texts = {name: fields[key].contents() for name, key in EMBEDDED_TOKENIZER_KEYS.items() if key in fields}
     if "tokenizer.json" not in texts:
         return None
@@ -375,10 +382,11 @@ class HFCausalLM(HFTokenizerMethods, CausalLM):
                 raise ArfuseError(f"model path {spec} does not exist: check the path")
             load_from = spec
             kind = "hf"
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(load_from, revision=revision)
-            self.model = AutoModelForCausalLM.from_pretrained(load_from, revision=revision, dtype=self.dtype,
-                                                              **({"device_map": "auto"} if spread else {}))
+        try:   # transformers' "Loading weights" bar: on a terminal only, never under --quiet
+            with _no_transformers_bars() if not _show_conversion_progress() else contextlib.nullcontext():
+                self.tokenizer = AutoTokenizer.from_pretrained(load_from, revision=revision)
+                self.model = AutoModelForCausalLM.from_pretrained(load_from, revision=revision, dtype=self.dtype,
+                                                                  **({"device_map": "auto"} if spread else {}))
         except OSError as e:
             raise ArfuseError(
                 f"cannot load model {spec!r}: {str(e).splitlines()[0]} "

@@ -303,9 +303,15 @@ class LlamaCppLM(HFTokenizerMethods, CausalLM):
     def forward_step(self, input_ids: torch.Tensor, past: LlamaCppState | None = None,
                      attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LlamaCppState]:
         B, T = input_ids.shape
-        real = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
         if past is None:
             past = LlamaCppState([self._idle_context() for _ in range(B)], self._pool)
+        if attention_mask is None or bool(attention_mask.all()):   # no padding (batch 1 always): no masked copy
+            rows = [torch.from_numpy(np.array(self._feed(llm, ids), dtype=np.float32))
+                    for llm, ids in zip(past.contexts, input_ids.tolist())]
+            for fed in past.fed:
+                fed.extend([True] * T)
+            return (rows[0][None] if B == 1 else torch.stack(rows)), past
+        real = attention_mask.bool().cpu()
         out = torch.zeros(B, T, self.info.vocab_size)
         for b, llm in enumerate(past.contexts):
             flags = real[b].tolist()
