@@ -271,3 +271,46 @@ def test_unknown_steps_mode_is_a_clear_error():
 
     with pytest.raises(ArfuseError, match=r"steps 'fast': use 'auto' .* 'batched' .* or 'single'"):
         LlamaCppLM("/nowhere/model.gguf", steps="fast")
+
+
+@needs_both
+def test_server_batches_llama_cpp_rows_that_join_mid_run(models):
+    """Each llama.cpp row has a context of its own, so rows join a running batch (LlamaCppState.concat):
+    `arfuse serve` takes a llama.cpp model without --max-batch 1. Four requests (greedy and sampled, one
+    of them a one-token prompt: a row that has seen nothing joins) through two rows, joining and leaving at
+    different steps: every text is generate's alone with the same settings and seed, and the contexts go
+    back to the model's pool once, when the states holding them go."""
+    import gc
+
+    from arfuse.generation.api import generate
+    from arfuse.generation.config import GenerationConfig
+    from arfuse.serve.engine import Request
+    from arfuse.serve.server import ServeConfig, build_engine
+
+    _, lc = models
+    engine, _ = build_engine(ServeConfig(large=lc, max_batch=2, max_queue=10))
+    plan = [  # (submitted before iteration, prompt, settings)
+        (0, PROMPTS[0], {"max_new_tokens": 9, "stop_at_eos": False}),
+        (0, PROMPTS[1], {"max_new_tokens": 4, "temperature": 0.9, "top_p": 0.8, "seed": 5, "stop_at_eos": False}),
+        (2, "The", {"max_new_tokens": 6, "stop_at_eos": False}),
+        (3, TEXT[:60], {"max_new_tokens": 5, "temperature": 1.1, "seed": 2, "stop_at_eos": False}),
+    ]
+    events = [[] for _ in plan]
+    for it in range(100):
+        for j, (at, prompt, settings) in enumerate(plan):
+            if at == it:
+                cfg = GenerationConfig(**settings)
+                engine.submit(Request(prompt, cfg, engine.check(prompt, cfg), events[j].append))
+        if it > 3 and engine.idle:
+            break
+        engine._iteration()
+    assert engine.idle
+    for (_, prompt, settings), ev in zip(plan, events):
+        ref = generate(prompt, large=lc, **settings)
+        assert "".join(e.text for e in ev) == ref.text, prompt
+        assert ev[-1].finish_reason == "length"
+    opened = {id(c) for c in lc._pool}
+    engine._states = []   # the running batch's states go: their contexts return to the pool
+    gc.collect()
+    assert len(set(map(id, lc._pool))) == len(lc._pool)   # no context twice (a joined row's context is
+    assert len(lc._pool) >= 2 and set(map(id, lc._pool)) >= opened   # returned by its new state only)

@@ -91,12 +91,30 @@ class LlamaCppState(StepState):
     ``fed[b]`` says, for each position fed to row b since the last rollback, whether it was a real
     token (padding is never fed to the context)."""
 
-    def __init__(self, contexts: list, pool: list | None = None):
+    def __init__(self, contexts: list, pool: list | None = None, fresh=None):
         self.contexts = contexts   # changed in place only: the finaliser below returns what is live
         self.fed: list[list[bool]] = [[] for _ in contexts]
         self._pool = pool
-        if pool is not None:   # when the state goes, its contexts go back to the model's pool (no reload)
-            weakref.finalize(self, pool.extend, self.contexts)
+        self._fresh = fresh        # () -> an empty context of the same model (rows that join having seen nothing)
+        # when the state goes, its contexts go back to the model's pool (no reload)
+        self._finalizer = weakref.finalize(self, pool.extend, self.contexts) if pool is not None else None
+
+    def concat(self, other: LlamaCppState | None, n_other: int) -> None:
+        """Each row has a context of its own, so rows join by taking ``other``'s contexts over (they no
+        longer go back to the pool when ``other`` goes), or empty contexts for rows that have seen nothing."""
+        if other is None:
+            if self._fresh is None:
+                raise ArfuseError("this llama.cpp state cannot open contexts for new rows")
+            self.contexts.extend(self._fresh() for _ in range(n_other))
+            self.fed.extend([] for _ in range(n_other))
+            return
+        if not isinstance(other, LlamaCppState):
+            raise ArfuseError(f"cannot join a {type(other).__name__} to a LlamaCppState: states of one model only")
+        if other._finalizer is not None:
+            other._finalizer.detach()
+        self.contexts.extend(other.contexts)
+        self.fed.extend(other.fed)
+        other.contexts, other.fed = [], []
 
     def rollback(self, n_fed: int, keep: torch.Tensor) -> None:
         for llm, k, fed in zip(self.contexts, keep.tolist(), self.fed):
@@ -304,7 +322,7 @@ class LlamaCppLM(HFTokenizerMethods, CausalLM):
                      attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LlamaCppState]:
         B, T = input_ids.shape
         if past is None:
-            past = LlamaCppState([self._idle_context() for _ in range(B)], self._pool)
+            past = LlamaCppState([self._idle_context() for _ in range(B)], self._pool, self._idle_context)
         if attention_mask is None or bool(attention_mask.all()):   # no padding (batch 1 always): no masked copy
             rows = [torch.from_numpy(np.array(self._feed(llm, ids), dtype=np.float32))
                     for llm, ids in zip(past.contexts, input_ids.tolist())]

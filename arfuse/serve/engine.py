@@ -11,7 +11,7 @@ join and leave the batch at every step, and a row's tokens are those of ``arfuse
 the same prompt, settings and seed, alone: its random stream is its own (``Row.gen``, seeded with
 the request's seed) and padding changes nothing.
 
-Models whose states cannot join (``StepState.concat``: llama.cpp, llama2.c, RNN checkpoints) are
+Models whose states cannot join (``StepState.concat``: llama2.c, RNN checkpoints) are
 refused when the engine is made, with the fix (``--max-batch 1``), not at the first join under load.
 A request cancelled while it waits leaves the queue at once; ``max_queue`` counts the requests
 waiting beyond the free rows.
@@ -159,7 +159,7 @@ class Engine:
 
     def _check_joinable(self) -> None:
         """Continuous batching joins newly prefilled rows to the running batch (``StepState.concat``):
-        a model whose state cannot (llama.cpp, llama2.c, RNN checkpoints, a transformers cache that is
+        a model whose state cannot (llama2.c, RNN checkpoints, a transformers cache that is
         not a plain DynamicCache) fails here, at start, with the fix, not at the first join under load."""
         for m in {id(m): m for m in self.models}.values():
             ids = torch.tensor([[m.bos_id if m.bos_id is not None else 0]], dtype=torch.long)
