@@ -590,3 +590,25 @@ def test_hf_bpe_export_fuses_with_its_tokenizer_on_either_engine(bpe_loaded, bpe
     mixed = generate(prompt, large=tf, small=lc, weight=0.6, max_new_tokens=12, stop_at_eos=False)
     ref = generate(prompt, large=tf, small=tf, weight=0.6, max_new_tokens=12, stop_at_eos=False)
     assert mixed.token_ids == ref.token_ids
+
+
+def test_llama_cpp_warnings_stay_out_of_the_output_and_errors_do_not(exported, loaded, cache, monkeypatch, capfd):
+    """llama-cpp-python 0.3.36 maps ggml's log levels one off, so it would print llama.cpp's warnings (a
+    context longer than the model was trained for) into the user's output and hide its errors; the
+    adapter's log callback prints errors only."""
+    from arfuse.adapters import llamacpp
+    from arfuse.adapters.llamacpp import load_llamacpp
+
+    monkeypatch.setenv("ARFUSE_CACHE", str(cache))
+    _, lc = loaded["llama"]
+    trained = int(lc._scorer._model.n_ctx_train())
+    capfd.readouterr()
+    load_llamacpp(f"llamacpp:{exported['llama', 'f32'].path}", n_ctx=4 * trained, n_threads=1)
+    err = capfd.readouterr().err
+    assert "n_ctx_train" not in err and err == "", err
+    llamacpp._LOG_CALLBACK(3, b"a warning\n", None)
+    llamacpp._LOG_CALLBACK(4, b"an error: ", None)
+    llamacpp._LOG_CALLBACK(5, b"its rest\n", None)
+    llamacpp._LOG_CALLBACK(2, b"some info\n", None)
+    llamacpp._LOG_CALLBACK(5, b"more info\n", None)
+    assert capfd.readouterr().err == "an error: its rest\n"

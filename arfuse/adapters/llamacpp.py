@@ -61,7 +61,37 @@ def _import_llama_cpp():
         import llama_cpp
     except ImportError as e:
         raise ArfuseError(INSTALL_HINT) from e
+    _errors_only_log()
     return llama_cpp
+
+
+_LOG_CALLBACK = None   # kept alive for as long as llama.cpp may call it
+
+
+def _errors_only_log() -> None:
+    """llama.cpp's own log, errors only. llama-cpp-python 0.3.36 maps ggml's log levels one off (its
+    table predates GGML_LOG_LEVEL_DEBUG = 1), so with verbose=False it prints warnings, such as a context
+    longer than the model was trained for, into the user's output, and hides errors."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+    import ctypes
+    import sys
+
+    import llama_cpp
+
+    error, cont = 4, 5   # ggml.h: GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT
+    last = [0]
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        if level == error or (level == cont and last[0] == error):
+            print(text.decode("utf-8", "replace"), end="", flush=True, file=sys.stderr)
+        if level != cont:
+            last[0] = level
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    _LOG_CALLBACK = callback
 
 
 def load_llamacpp(spec: str, *, device: str = "cpu", dtype: str = "float32", name: str | None = None,
