@@ -19,6 +19,9 @@
    methods interleaved prompt by prompt, one warm-up call each before timing.
 3. Exactness: for each engine pairing, speculative greedy text == plain fused greedy text, per prompt;
    where they part, the token index and the plain run's top-two fused probability gap there.
+   3b. --batch prompts at once (rows of one llama.cpp context) against the same prompts one at a time,
+   llama.cpp LLM alone and fused with the SLM on llama.cpp: tokens/s, and whether each row's tokens equal
+   its prompt's alone.
 
 llama.cpp built with llamafile (the stock build) computes a lone token with other kernels than a batch
 of two or more (on SmolLM2's Q4_1 file up to 1.5 nats apart over the vocabulary); speculative verification
@@ -106,6 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--passage-chars", type=int, default=300)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="torch threads and llama.cpp threads")
+    ap.add_argument("--batch", type=int, default=4, help="prompts generated at once in the batch section")
     ap.add_argument("--pass-reps", type=int, default=30, help="repetitions of each pass-cost measurement")
     ap.add_argument("--from-json", help="print the report of an earlier run's JSON again (nothing is measured)")
     ap.add_argument("--json", help="write every number here (and the printed text next to it, .txt)")
@@ -316,6 +320,26 @@ def main(argv=None) -> int:
                             "batch": 1, "rows": gen, "same_text_as_reference": agree, "speculative_equals_plain": exact,
                             "texts": {k: v for k, v in texts.items()}}
 
+    # ---- 3b. several prompts at once: the rows of one llama.cpp context, fed in one call per step ---------
+    batch_prompts = passages(args.passages, args.batch, args.passage_chars)
+    batched = {}
+    for label, small in (("llama.cpp LLM alone", None), ("llama.cpp LLM + kjv-slm on llama.cpp fused", slm_lc)):
+        kw = dict(large=lc, small=small, weight=w if small is not None else None, max_new_tokens=nn, stop_at_eos=False)
+        generate(batch_prompts[:2], **kw)   # warm-up
+        t0 = time.perf_counter()
+        one = [generate(p, **kw) for p in batch_prompts]
+        t_one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        together = generate(batch_prompts, **kw)
+        t_all = time.perf_counter() - t0
+        n = sum(len(r.token_ids) for r in together)
+        batched[label] = {"prompts": len(batch_prompts), "tokens": n, "one_at_a_time_s": t_one, "together_s": t_all,
+                          "one_at_a_time_tokens_per_s": sum(len(r.token_ids) for r in one) / t_one,
+                          "together_tokens_per_s": n / t_all, "speedup": t_one / t_all,
+                          "same_tokens": [a.token_ids == b.token_ids for a, b in zip(one, together)]}
+        log(f"batch {len(batch_prompts)}: {label}: {t_one / t_all:.2f}x")
+    report["batched_generation"] = batched
+
     # ---- 4. the cost of a pass over T tokens --------------------------------------------------------
     ctx_ids = lc.encode(text[:4000]).ids[:200]
     extra = lc.encode(text[4000:6000]).ids[:8]
@@ -453,6 +477,15 @@ def print_report(r: dict) -> None:
     for k, v in g["speculative_equals_plain"].items():
         cells = ["same" if x["same"] else f"differs at token {x['first_diff']} (top-two gap {x['fused_top2_gap']:.2e})" for x in v]
         print(f"- {k}: {'; '.join(cells)}")
+    bg = r.get("batched_generation")
+    if bg:
+        first = next(iter(bg.values()))
+        print(f"\n## {first['prompts']} prompts at once (the rows of one llama.cpp context, fed in one call per step) "
+              "against the same prompts one at a time, greedy\n")
+        print("| method | one at a time, tokens/s | together, tokens/s | speedup | same tokens |\n|---|---:|---:|---:|---|")
+        for k, v in bg.items():
+            print(f"| arfuse, {k} | {v['one_at_a_time_tokens_per_s']:.1f} | {v['together_tokens_per_s']:.1f} | "
+                  f"{v['speedup']:.2f}x | {v['same_tokens']} |")
     pc = r.get("pass_cost")
     if pc:
         print(f"\n## One llama.cpp pass over T tokens after {pc['context']} tokens of context (median of {pc['reps']})\n")

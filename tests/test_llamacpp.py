@@ -168,25 +168,57 @@ def test_greedy_generation_matches_transformers(models):
 
 @needs_both
 def test_generation_reuses_idle_contexts(models, monkeypatch):
-    """A second generation takes its contexts from the pool the first one left (no GGUF reload), emptied:
-    the same prompts give the same tokens; a strategy that copies rows is refused."""
+    """A second generation takes its context from the pool the first one left (no new KV cache), its
+    sequences emptied: the same prompts give the same tokens; a strategy that copies rows is refused."""
     import gc
 
+    from arfuse.adapters import llamacpp
     from arfuse.generation.api import generate
 
     _, lc = models
     first = [r.token_ids for r in generate(PROMPTS, large=lc, max_new_tokens=8)]
     gc.collect()
-    assert len(lc._pool) >= len(PROMPTS)
-    loads = []
-    monkeypatch.setattr(lc, "_new_context", lambda: loads.append(1))
+    assert any(c.slots >= len(PROMPTS) and len(c.free) == c.slots for c in lc._pool)
+    opened = []
+    monkeypatch.setattr(llamacpp, "SeqContext", lambda *a: opened.append(a))
     second = [r.token_ids for r in generate(PROMPTS, large=lc, max_new_tokens=8)]
-    assert second == first and loads == []
-    from arfuse.adapters.llamacpp import LlamaCppState
+    assert second == first and opened == []
 
-    st = LlamaCppState([object(), object()])
+    class Fake:
+        slots, free = 2, []
+
+        def release(self, seq):
+            self.free.append(seq)
+
+    ctx = Fake()
+    st = llamacpp.LlamaCppState([(ctx, 0), (ctx, 1)])
     with pytest.raises(ArfuseError, match="cannot copy a row"):
         st.select(torch.tensor([0, 0]))
+
+
+@needs_both
+def test_rows_of_one_batch_are_computed_together_and_exactly(models):
+    """Rows of one generation are sequences of one llama.cpp context, fed in one llama_decode call: each
+    row's logits equal its own full pass bit for bit (rows of different lengths, after a rollback), and
+    greedy generation of several prompts at once gives each prompt's text alone."""
+    from arfuse.generation.api import generate
+
+    _, lc = models
+    ids = lc.encode(TEXT).ids
+    a, b = ids[:9], ids[4:11]
+    out, st = lc.forward_step(torch.tensor([a, [0, 0] + b]), None, torch.tensor([[1] * 9, [0, 0] + [1] * 7]))
+    assert len({id(ctx) for ctx, _ in st.rows}) == 1
+    out2, st = lc.forward_step(torch.tensor([ids[9:12], ids[11:14]]), st)
+    st.rollback(3, torch.tensor([1, 2]))
+    out3, st = lc.forward_step(torch.tensor([ids[10:12], ids[13:15]]), st)
+    full_a = lc.forward_logits(torch.tensor([ids[:12]]))[0]
+    full_b = lc.forward_logits(torch.tensor([ids[4:15]]))[0]
+    assert torch.equal(out[0], full_a[:9]) and torch.equal(out[1, 2:], full_b[:7])
+    assert torch.equal(out2[0, :1], full_a[9:10]) and torch.equal(out2[1, :2], full_b[7:9])
+    assert torch.equal(out3[0], full_a[10:12]) and torch.equal(out3[1], full_b[9:11])
+    together = generate(PROMPTS + [TEXT[:40]], large=lc, max_new_tokens=10, stop_at_eos=False)
+    for prompt, r in zip(PROMPTS + [TEXT[:40]], together):
+        assert r.token_ids == generate(prompt, large=lc, max_new_tokens=10, stop_at_eos=False).token_ids
 
 
 def test_missing_llama_cpp_is_a_clear_error(monkeypatch):

@@ -8,12 +8,14 @@ the two backends (llama.cpp's own tokenizer gives the same ids on the texts test
 tries); only the logits differ, by the quantised arithmetic. Scores are cached apart from the
 transformers backend's: ``info.kind`` is "llamacpp" and the identity names the engine.
 
-llama.cpp runs one sequence per context: ``forward_logits`` feeds the batch rows one by one through
-one scoring context; ``forward_step`` gives each batch row a context of its own (a ``Llama`` object:
-the weights are memory-mapped once by the OS, each context adds its KV cache), whose KV cache is
-trimmed on rollback. A step's logits never depend on how many tokens it fed (``STEP_MODES`` below: where
-llama.cpp's one-token kernels differ from its batch kernels, a lone token runs as a batch of two), so
-speculative decoding reproduces the plain fused greedy output exactly.
+``forward_logits`` (scoring) feeds the batch rows one by one through one scoring context (a ``Llama``
+object). Generation (``forward_step``) puts the rows of a batch into one llama.cpp context as sequences
+(``SeqContext``, llama.cpp's sequence ids, a KV cache per row), fed together in one ``llama_decode``
+call per step and trimmed per row on rollback; rows that join from another batch (the server) bring
+their context along. A step's logits never depend on how many tokens it fed nor on the other rows
+(``STEP_MODES`` below: where llama.cpp's one-token kernels differ from its batch kernels, a lone token
+runs as a batch of two), so speculative decoding reproduces the plain fused greedy output exactly and a
+row's text is the same alone or in a batch.
 """
 from __future__ import annotations
 
@@ -116,55 +118,182 @@ def load_llamacpp(spec: str, *, device: str = "cpu", dtype: str = "float32", nam
                       n_ctx=n_ctx, n_threads=n_threads, steps=steps)
 
 
+class SeqContext:
+    """One llama.cpp context holding up to ``slots`` sequences (llama.cpp's sequence ids), each the KV cache of
+    one generation row with the model's whole context: a step feeds every row of a context in one
+    ``llama_decode`` call, so rows share the matrix products, and a row's logits are those of its full pass
+    whatever else the batch holds (tested bit for bit). Each sequence has a cache of its own: llama.cpp
+    0.3.36's unified cache gave other logits after a rollback had left holes in it. With separate caches
+    llama.cpp cuts a batch into micro-batches of equal tokens per row, which can leave one row's token
+    alone in one: where a lone token runs on other kernels (steps "batched"), rows are fed one by one."""
+
+    def __init__(self, lm: LlamaCppLM, slots: int):
+        import llama_cpp._internals as internals
+        import llama_cpp.llama_cpp as lowlevel
+
+        self.ll = lowlevel
+        self.lm = lm
+        self.slots = slots
+        p = lowlevel.llama_context_default_params()
+        p.n_ctx = lm.n_ctx * slots
+        p.n_seq_max = slots
+        p.kv_unified = False   # one cache per sequence (a unified one gave wrong logits after a rollback)
+        p.n_batch = p.n_ubatch = N_BATCH
+        p.n_threads = p.n_threads_batch = lm.n_threads
+        p.flash_attn_type = lowlevel.LLAMA_FLASH_ATTN_TYPE_DISABLED   # as llama-cpp-python's Llama(...) runs
+        try:
+            self._ctx = internals.LlamaContext(model=lm._scorer._model, params=p, verbose=False)
+        except Exception as e:  # noqa: BLE001 -- out of memory for the KV cache, mostly
+            raise ArfuseError(f"{lm.info.name}: llama.cpp cannot open a context for {slots} rows of {lm.n_ctx} "
+                              f"tokens ({e}): generate fewer prompts at once, or load it with a smaller n_ctx") from e
+        self.ctx = self._ctx.ctx
+        self.mem = lowlevel.llama_get_memory(self.ctx)
+        self.batch = lowlevel.llama_batch_init(N_BATCH + 1, 0, 1)
+        self.free = list(range(slots))[::-1]
+        self.n_past = [0] * slots
+        _SEQ_CONTEXTS.add(self)
+
+    def take(self) -> int:
+        """A free sequence id, emptied."""
+        seq = self.free.pop()
+        self.ll.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        self.n_past[seq] = 0
+        return seq
+
+    def release(self, seq: int) -> None:
+        self.ll.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        self.n_past[seq] = 0
+        self.free.append(seq)
+
+    def trim(self, seq: int, n: int) -> None:
+        """Keep the first ``n`` tokens of sequence ``seq``."""
+        if not self.ll.llama_memory_seq_rm(self.mem, seq, n, -1):
+            raise ArfuseError("llama.cpp cannot drop the last tokens of this model's memory (a recurrent or "
+                              "sliding-window cache): the llama.cpp backend cannot roll it back")
+        self.n_past[seq] = n
+
+    def decode(self, feeds: list[tuple[int, list[int]]], lone_as_two: bool) -> list[np.ndarray]:
+        """Feed each ``(seq, ids)`` after that sequence's tokens, all in as few ``llama_decode`` calls as
+        N_BATCH allows; each feed's logits (len(ids), V) float32. With ``lone_as_two`` a call that would hold
+        one token holds it twice (the copy dropped again): llama.cpp's batch kernels then compute it."""
+        V = self.lm.info.vocab_size
+        items = []   # (feed index, seq, position, token)
+        for f, (seq, ids) in enumerate(feeds):
+            start = self.n_past[seq]
+            if start + len(ids) > self.lm.n_ctx:
+                raise ArfuseError(f"{self.lm.info.name}: {start + len(ids)} tokens exceed the llama.cpp context of "
+                                  f"{self.lm.n_ctx} (load it with a larger n_ctx)")
+            items += [(f, seq, start + i, t) for i, t in enumerate(ids)]
+            self.n_past[seq] = start + len(ids)
+        outs = [np.empty((len(ids), V), dtype=np.float32) for _, ids in feeds]
+        filled = [0] * len(feeds)
+        b = self.batch
+        for c in range(0, len(items), N_BATCH):
+            chunk = items[c:c + N_BATCH]
+            rows = [(seq, pos, tok, 1) for _, seq, pos, tok in chunk]
+            if len(rows) == 1 and lone_as_two:
+                seq, pos, tok, _ = rows[0]
+                rows.append((seq, pos + 1, tok, 0))
+            b.n_tokens = len(rows)
+            for j, (seq, pos, tok, want) in enumerate(rows):
+                b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = tok, pos, 1, want
+                b.seq_id[j][0] = seq
+            rc = self.ll.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise ArfuseError(f"{self.lm.info.name}: llama.cpp could not decode a batch of {len(rows)} tokens "
+                                  f"(llama_decode returned {rc}{': no room left in its KV cache' if rc == 1 else ''})")
+            if len(rows) > len(chunk):   # the copy of a lone token leaves the cache again
+                self.ll.llama_memory_seq_rm(self.mem, rows[1][0], rows[1][1], -1)
+            logits = np.ctypeslib.as_array(self.ll.llama_get_logits(self.ctx), shape=(len(chunk) * V,))
+            logits = logits.reshape(len(chunk), V)
+            for j, (f, _, _, _) in enumerate(chunk):
+                outs[f][filled[f]] = logits[j]
+                filled[f] += 1
+        return outs
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self.ll.llama_batch_free(self.batch)
+            self.batch = None
+        self._ctx.close()
+
+
 class LlamaCppState(StepState):
-    """One llama.cpp context per batch row; each context's ``n_tokens`` is that row's real length.
-    ``fed[b]`` says, for each position fed to row b since the last rollback, whether it was a real
-    token (padding is never fed to the context)."""
+    """Each batch row is a sequence of a ``SeqContext``: ``rows[b] = (context, seq)``. The rows of one
+    context are fed in one call; a state whose rows joined from another batch (``concat``) may span two
+    contexts, fed one after the other. ``fed[b]`` says, for each position fed to row b since the last
+    rollback, whether it was a real token (padding is never fed)."""
 
-    def __init__(self, contexts: list, pool: list | None = None, fresh=None):
-        self.contexts = contexts   # changed in place only: the finaliser below returns what is live
-        self.fed: list[list[bool]] = [[] for _ in contexts]
+    def __init__(self, rows: list[tuple[SeqContext, int]], pool: list | None = None, fresh=None):
+        self.rows = rows           # changed in place only: the finaliser below releases what is live
+        self.fed: list[list[bool]] = [[] for _ in rows]
         self._pool = pool
-        self._fresh = fresh        # () -> an empty context of the same model (rows that join having seen nothing)
-        # when the state goes, its contexts go back to the model's pool (no reload)
-        self._finalizer = weakref.finalize(self, pool.extend, self.contexts) if pool is not None else None
-
-    def concat(self, other: LlamaCppState | None, n_other: int) -> None:
-        """Each row has a context of its own, so rows join by taking ``other``'s contexts over (they no
-        longer go back to the pool when ``other`` goes), or empty contexts for rows that have seen nothing."""
-        if other is None:
-            if self._fresh is None:
-                raise ArfuseError("this llama.cpp state cannot open contexts for new rows")
-            self.contexts.extend(self._fresh() for _ in range(n_other))
-            self.fed.extend([] for _ in range(n_other))
-            return
-        if not isinstance(other, LlamaCppState):
-            raise ArfuseError(f"cannot join a {type(other).__name__} to a LlamaCppState: states of one model only")
-        if other._finalizer is not None:
-            other._finalizer.detach()
-        self.contexts.extend(other.contexts)
-        self.fed.extend(other.fed)
-        other.contexts, other.fed = [], []
+        self._fresh = fresh        # (n) -> a state of n empty rows (rows that join having seen nothing)
+        weakref.finalize(self, _release_rows, self.rows, pool)
 
     def rollback(self, n_fed: int, keep: torch.Tensor) -> None:
-        for llm, k, fed in zip(self.contexts, keep.tolist(), self.fed):
+        for (ctx, seq), k, fed in zip(self.rows, keep.tolist(), self.fed):
             tail = fed[len(fed) - n_fed:] if n_fed else []
             drop = sum(tail[int(k):])
             if drop:
-                llm.n_tokens -= drop   # Llama.eval also removes the KV cells from n_tokens on
-                _trim_kv(llm)
-        self.fed = [[] for _ in self.contexts]
+                ctx.trim(seq, ctx.n_past[seq] - drop)
+        self.fed = [[] for _ in self.rows]
 
     def select(self, rows: torch.Tensor) -> None:
         idx = rows.tolist()
         if len(set(idx)) != len(idx):
             raise ArfuseError("the llama.cpp backend cannot copy a row's context (a strategy that replicates rows, "
                               "such as --strategy segment, needs the transformers backend)")
-        kept = [self.contexts[i] for i in idx]
-        if self._pool is not None:
-            self._pool.extend(c for i, c in enumerate(self.contexts) if i not in set(idx))
-        self.contexts[:] = kept
+        keep = set(idx)
+        gone = [r for i, r in enumerate(self.rows) if i not in keep]
+        self.rows[:] = [self.rows[i] for i in idx]
         self.fed = [self.fed[i] for i in idx]
+        _release_rows(gone, self._pool)
+
+    def concat(self, other: LlamaCppState | None, n_other: int) -> None:
+        """Rows join by moving ``other``'s sequences over (they are released when this state goes, not
+        ``other``); rows that have seen nothing get sequences of a new context."""
+        if other is None:
+            if self._fresh is None:
+                raise ArfuseError("this llama.cpp state cannot open sequences for new rows")
+            other = self._fresh(n_other)
+        if not isinstance(other, LlamaCppState):
+            raise ArfuseError(f"cannot join a {type(other).__name__} to a LlamaCppState: states of one model only")
+        self.rows.extend(other.rows)
+        self.fed.extend(other.fed)
+        other.rows.clear()
+        other.fed = []
+
+    def feed(self, lm: LlamaCppLM, ids: list[list[int]], real: list[list[bool]]) -> list[np.ndarray]:
+        """Each row's real tokens fed, grouped by context; each row's logits (its real tokens, V)."""
+        groups: dict[int, list[int]] = {}
+        for b, (ctx, _) in enumerate(self.rows):
+            groups.setdefault(id(ctx), []).append(b)
+        out: list[np.ndarray | None] = [None] * len(self.rows)
+        together = lm.steps != "batched"   # else each row alone, its lone tokens as batches of two
+        for members in (groups.values() if together else [[b] for b in range(len(self.rows))]):
+            ctx = self.rows[members[0]][0]
+            new = [[t for t, r in zip(ids[b], real[b]) if r] for b in members]
+            logits = ctx.decode([(self.rows[b][1], n) for b, n in zip(members, new)], lm.steps == "batched")
+            for b, lg in zip(members, logits):
+                out[b] = lg
+        for b, flags in enumerate(real):
+            self.fed[b].extend(flags)
+        return out
+
+
+def _release_rows(rows: list, pool: list | None) -> None:
+    """Give the rows' sequences back to their contexts; a context with none in use goes to ``pool``."""
+    for ctx, seq in rows:
+        ctx.release(seq)
+        if pool is not None and len(ctx.free) == ctx.slots:
+            pool.append(ctx)
+    rows.clear()
+
+
+# SeqContexts this process opened: closed at exit, before the Llama objects whose model they use
+_SEQ_CONTEXTS: weakref.WeakSet = weakref.WeakSet()
+N_BATCH = 512   # tokens per llama_decode call
 
 
 # every llama.cpp context this process opened: closed at exit, before the interpreter tears down the
@@ -175,6 +304,11 @@ _CONTEXTS: weakref.WeakSet = weakref.WeakSet()
 
 @atexit.register
 def _close_contexts() -> None:
+    for sc in list(_SEQ_CONTEXTS):
+        try:
+            sc.close()
+        except Exception:  # noqa: BLE001 -- at exit, a context that cannot close is left to the OS
+            pass
     for llm in list(_CONTEXTS):
         try:
             llm.close()
@@ -295,15 +429,6 @@ class LlamaCppLM(HFTokenizerMethods, CausalLM):
             pass
         return llm
 
-    def _idle_context(self):
-        """A context with nothing in it: an idle one from the pool (emptied), else a new one (a load)."""
-        if self._pool:
-            llm = self._pool.pop()
-            llm.reset()
-            _trim_kv(llm)
-            return llm
-        return self._new_context()
-
     # ---- running sequences through a context ------------------------------------------
     def _feed(self, llm, ids: list[int]) -> np.ndarray:
         """Logits (n, V) float32 of ``ids`` fed after the context's ``n_tokens`` tokens."""
@@ -347,26 +472,33 @@ class LlamaCppLM(HFTokenizerMethods, CausalLM):
     def forward_logits_tail(self, input_ids: torch.Tensor, n: int) -> torch.Tensor:
         return torch.stack([self._row_logits(row, n) for row in input_ids.tolist()])
 
+    def _new_state(self, B: int) -> LlamaCppState:
+        """B rows, each an empty sequence of one context: an idle context of the pool with room for them
+        (the smallest), else a new one (its KV cache is B x n_ctx tokens)."""
+        fits = [c for c in self._pool if c.slots >= B]
+        if fits:
+            ctx = min(fits, key=lambda c: c.slots)
+            self._pool.remove(ctx)
+        else:
+            ctx = SeqContext(self, B)
+        return LlamaCppState([(ctx, ctx.take()) for _ in range(B)], self._pool, self._new_state)
+
     @torch.no_grad()
     def forward_step(self, input_ids: torch.Tensor, past: LlamaCppState | None = None,
                      attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LlamaCppState]:
         B, T = input_ids.shape
         if past is None:
-            past = LlamaCppState([self._idle_context() for _ in range(B)], self._pool, self._idle_context)
+            past = self._new_state(B)
+        ids = input_ids.tolist()
         if attention_mask is None or bool(attention_mask.all()):   # no padding (batch 1 always): no masked copy
-            rows = [torch.from_numpy(np.array(self._feed(llm, ids), dtype=np.float32))
-                    for llm, ids in zip(past.contexts, input_ids.tolist())]
-            for fed in past.fed:
-                fed.extend([True] * T)
-            return (rows[0][None] if B == 1 else torch.stack(rows)), past
+            rows = past.feed(self, ids, [[True] * T for _ in range(B)])
+            return torch.from_numpy(np.stack(rows) if B > 1 else rows[0][None]), past
         real = attention_mask.bool().cpu()
+        rows = past.feed(self, ids, real.tolist())
         out = torch.zeros(B, T, self.info.vocab_size)
-        for b, llm in enumerate(past.contexts):
-            flags = real[b].tolist()
-            new = [int(t) for t, r in zip(input_ids[b].tolist(), flags) if r]
-            if new:
-                out[b, real[b]] = torch.from_numpy(np.array(self._feed(llm, new), dtype=np.float32))
-            past.fed[b].extend(flags)
+        for b, lg in enumerate(rows):
+            if len(lg):
+                out[b, real[b]] = torch.from_numpy(lg)
         return out, past
 
     def llama_tokenize(self, text: str) -> list[int]:
