@@ -20,6 +20,7 @@ row's text is the same alone or in a batch.
 from __future__ import annotations
 
 import atexit
+import bisect
 import weakref
 from pathlib import Path
 
@@ -124,8 +125,10 @@ class SeqContext:
     ``llama_decode`` call, so rows share the matrix products, and a row's logits are those of its full pass
     whatever else the batch holds (tested bit for bit). Each sequence has a cache of its own: llama.cpp
     0.3.36's unified cache gave other logits after a rollback had left holes in it. With separate caches
-    llama.cpp cuts a batch into micro-batches of equal tokens per row, which can leave one row's token
-    alone in one: where a lone token runs on other kernels (steps "batched"), rows are fed one by one."""
+    llama.cpp cuts a batch into micro-batches of equal tokens per row over consecutive sequence ids (rows
+    take the lowest free ids; once rows in between have left, the rest run in more micro-batches), which
+    can leave one row's token alone in one: where a lone token runs on other kernels (steps "batched"),
+    rows are fed one by one."""
 
     def __init__(self, lm: LlamaCppLM, slots: int):
         import llama_cpp._internals as internals
@@ -149,13 +152,13 @@ class SeqContext:
         self.ctx = self._ctx.ctx
         self.mem = lowlevel.llama_get_memory(self.ctx)
         self.batch = lowlevel.llama_batch_init(N_BATCH + 1, 0, 1)
-        self.free = list(range(slots))[::-1]
+        self.free = list(range(slots))   # ascending: rows take the lowest ids
         self.n_past = [0] * slots
         _SEQ_CONTEXTS.add(self)
 
     def take(self) -> int:
         """A free sequence id, emptied."""
-        seq = self.free.pop()
+        seq = self.free.pop(0)
         self.ll.llama_memory_seq_rm(self.mem, seq, -1, -1)
         self.n_past[seq] = 0
         return seq
@@ -163,7 +166,7 @@ class SeqContext:
     def release(self, seq: int) -> None:
         self.ll.llama_memory_seq_rm(self.mem, seq, -1, -1)
         self.n_past[seq] = 0
-        self.free.append(seq)
+        bisect.insort(self.free, seq)
 
     def trim(self, seq: int, n: int) -> None:
         """Keep the first ``n`` tokens of sequence ``seq``."""
@@ -185,6 +188,9 @@ class SeqContext:
                                   f"{self.lm.n_ctx} (load it with a larger n_ctx)")
             items += [(f, seq, start + i, t) for i, t in enumerate(ids)]
             self.n_past[seq] = start + len(ids)
+        # in the order of the sequence ids: llama.cpp cuts a batch whose sequences are out of order (or not
+        # consecutive) into one micro-batch per sequence, at the cost of a pass per row (1.8x at 4 rows)
+        items.sort(key=lambda it: (it[1], it[2]))
         outs = [np.empty((len(ids), V), dtype=np.float32) for _, ids in feeds]
         filled = [0] * len(feeds)
         b = self.batch
