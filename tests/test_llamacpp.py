@@ -346,3 +346,49 @@ def test_server_batches_llama_cpp_rows_that_join_mid_run(models):
     gc.collect()
     assert len(set(map(id, lc._pool))) == len(lc._pool)   # no context twice (a joined row's context is
     assert len(lc._pool) >= 2 and set(map(id, lc._pool)) >= opened   # returned by its new state only)
+
+
+@needs_both
+def test_rows_that_stay_move_to_the_lowest_sequence_ids_and_stay_exact(models):
+    """When a row leaves from the middle of a batch, the rows after it move onto the lowest free sequence
+    ids of their context (llama.cpp batches rows together only over consecutive ids), their caches copied
+    by llama.cpp: every later step still equals each row's full pass bit for bit."""
+    _, lc = models
+    ids = lc.encode(TEXT).ids
+    starts = [0, 2, 4, 6]
+    _, st = lc.forward_step(torch.tensor([ids[s:s + 10] for s in starts]))
+    st.select(torch.tensor([0, 2, 3]))
+    assert sorted(seq for _, seq in st.rows) == [0, 1, 2]
+    keep = [0, 4, 6]
+    for k in range(3):
+        out, st = lc.forward_step(torch.tensor([[ids[s + 10 + k]] for s in keep]), st)
+        for b, s in enumerate(keep):
+            assert torch.equal(out[b, 0], lc.forward_logits(torch.tensor([ids[s:s + 11 + k]]))[0][-1]), (k, b)
+    st.rollback(1, torch.tensor([0, 1, 1]))   # the first row forgets its last token; the others keep theirs
+    out, st = lc.forward_step(torch.tensor([[ids[12]], [ids[4 + 13]], [ids[6 + 13]]]), st)
+    for b, (s, n) in enumerate([(0, 13), (4, 14), (6, 14)]):
+        assert torch.equal(out[b, 0], lc.forward_logits(torch.tensor([ids[s:s + n]]))[0][-1]), b
+
+
+@needs_both
+def test_last_position_of_the_context_and_exit_with_a_live_state(tmp_path):
+    """steps="batched" runs a lone token twice, but the context's last position has no room for the copy:
+    that step runs alone instead of failing with a full KV cache. A state still alive at exit (a global, an
+    uncaught Ctrl-C) does not touch its freed llama.cpp context: the process exits cleanly."""
+    import subprocess
+
+    script = tmp_path / "last.py"
+    script.write_text(
+        "import torch\n"
+        "from arfuse.adapters.llamacpp import load_llamacpp\n"
+        "lc = load_llamacpp('llamacpp:smollm2-135m', n_ctx=256, n_threads=1, steps='batched')\n"
+        "ids = (lc.encode(" + repr(TEXT) + ").ids * 20)[:256]\n"
+        "out, st = lc.forward_step(torch.tensor([ids[:255]]))\n"
+        "out, st = lc.forward_step(torch.tensor([ids[255:]]), st)\n"
+        "full = lc.forward_logits(torch.tensor([ids]))[0, -1]\n"
+        "print('gap', float((out[0, 0] - full).abs().max()))\n"
+        "KEEP = st   # alive at exit\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    gap = float(r.stdout.split("gap")[-1])
+    assert gap == 0.0 or _llamafile_build(), gap   # llamafile: the last token took the one-token kernels

@@ -156,6 +156,10 @@ class SeqContext:
         self.n_past = [0] * slots
         _SEQ_CONTEXTS.add(self)
 
+    @property
+    def closed(self) -> bool:
+        return self.batch is None
+
     def take(self) -> int:
         """A free sequence id, emptied."""
         seq = self.free.pop(0)
@@ -164,9 +168,19 @@ class SeqContext:
         return seq
 
     def release(self, seq: int) -> None:
+        if self.closed:   # at exit, a state still alive after _close_contexts freed the context
+            return
         self.ll.llama_memory_seq_rm(self.mem, seq, -1, -1)
         self.n_past[seq] = 0
         bisect.insort(self.free, seq)
+
+    def move(self, src: int, dst: int) -> None:
+        """Sequence ``src``'s cache becomes free id ``dst``'s (llama.cpp copies it at its next decode)."""
+        self.ll.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+        self.ll.llama_memory_seq_rm(self.mem, src, -1, -1)
+        self.n_past[dst], self.n_past[src] = self.n_past[src], 0
+        self.free.remove(dst)
+        bisect.insort(self.free, src)
 
     def trim(self, seq: int, n: int) -> None:
         """Keep the first ``n`` tokens of sequence ``seq``."""
@@ -180,12 +194,13 @@ class SeqContext:
         N_BATCH allows; each feed's logits (len(ids), V) float32. With ``lone_as_two`` a call that would hold
         one token holds it twice (the copy dropped again): llama.cpp's batch kernels then compute it."""
         V = self.lm.info.vocab_size
+        for seq, ids in feeds:   # every feed checked before any position moves
+            if self.n_past[seq] + len(ids) > self.lm.n_ctx:
+                raise ArfuseError(f"{self.lm.info.name}: {self.n_past[seq] + len(ids)} tokens exceed the llama.cpp "
+                                  f"context of {self.lm.n_ctx} (load it with a larger n_ctx)")
         items = []   # (feed index, seq, position, token)
         for f, (seq, ids) in enumerate(feeds):
             start = self.n_past[seq]
-            if start + len(ids) > self.lm.n_ctx:
-                raise ArfuseError(f"{self.lm.info.name}: {start + len(ids)} tokens exceed the llama.cpp context of "
-                                  f"{self.lm.n_ctx} (load it with a larger n_ctx)")
             items += [(f, seq, start + i, t) for i, t in enumerate(ids)]
             self.n_past[seq] = start + len(ids)
         # in the order of the sequence ids: llama.cpp cuts a batch whose sequences are out of order (or not
@@ -197,7 +212,7 @@ class SeqContext:
         for c in range(0, len(items), N_BATCH):
             chunk = items[c:c + N_BATCH]
             rows = [(seq, pos, tok, 1) for _, seq, pos, tok in chunk]
-            if len(rows) == 1 and lone_as_two:
+            if len(rows) == 1 and lone_as_two and rows[0][1] + 1 < self.lm.n_ctx:   # room for the copy
                 seq, pos, tok, _ = rows[0]
                 rows.append((seq, pos + 1, tok, 0))
             b.n_tokens = len(rows)
@@ -239,7 +254,8 @@ class LlamaCppState(StepState):
 
     def rollback(self, n_fed: int, keep: torch.Tensor) -> None:
         for (ctx, seq), k, fed in zip(self.rows, keep.tolist(), self.fed):
-            tail = fed[len(fed) - n_fed:] if n_fed else []
+            # the last n_fed positions of the batch; a row that joined later is padded on the left
+            tail = ([False] * max(0, n_fed - len(fed)) + fed[-n_fed:]) if n_fed else []
             drop = sum(tail[int(k):])
             if drop:
                 ctx.trim(seq, ctx.n_past[seq] - drop)
@@ -255,6 +271,19 @@ class LlamaCppState(StepState):
         self.rows[:] = [self.rows[i] for i in idx]
         self.fed = [self.fed[i] for i in idx]
         _release_rows(gone, self._pool)
+        self._compact()
+
+    def _compact(self) -> None:
+        """Each context's rows onto its lowest sequence ids: llama.cpp runs rows in one micro-batch only
+        where their ids are consecutive, so rows that leave from the middle would split the rest."""
+        for ctx in {id(c): c for c, _ in self.rows}.values():
+            mine = sorted((seq, b) for b, (c, seq) in enumerate(self.rows) if c is ctx)
+            for seq, b in reversed(mine):
+                if not ctx.free or ctx.free[0] > seq:
+                    break
+                dst = ctx.free[0]
+                ctx.move(seq, dst)
+                self.rows[b] = (ctx, dst)
 
     def concat(self, other: LlamaCppState | None, n_other: int) -> None:
         """Rows join by moving ``other``'s sequences over (they are released when this state goes, not
