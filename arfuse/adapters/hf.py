@@ -183,11 +183,12 @@ EMBEDDED_TOKENIZER_KEYS = {"tokenizer.json": "arfuse.tokenizer.json",
                            "tokenizer_config.json": "arfuse.tokenizer_config.json"}
 
 
-def gguf_embedded_tokenizer(path: Path):
-    """The Hugging Face tokenizer ``arfuse export-gguf`` stored in a GGUF file, or None (any other file)."""
+def gguf_embedded_tokenizer(path: Path, reader=None):
+    """The Hugging Face tokenizer ``arfuse export-gguf`` stored in a GGUF file, or None (any other file).
+    ``reader``: the file's ``read_gguf`` when the caller has it already (one parse, not two)."""
     from transformers import AutoTokenizer
 
-    reader = read_gguf(path)
+    reader = reader or read_gguf(path)
     if reader is None:
         return None
     fields = reader.fields
@@ -215,10 +216,10 @@ def load_hf_tokenizer(spec: str):
         conv, _ = gguf_converted_dir(path)
         if (conv / "tokenizer_config.json").exists():   # the transformers backend's conversion, if made
             return AutoTokenizer.from_pretrained(conv)
-        embedded = gguf_embedded_tokenizer(path)
+        reader = read_gguf(path)   # the deep check, and the fields of an embedded tokenizer
+        embedded = gguf_embedded_tokenizer(path, reader)
         if embedded is not None:
             return embedded
-        check_gguf_file(path, deep=True)
         with _gguf_conversion(path):
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return AutoTokenizer.from_pretrained(spec)
@@ -349,9 +350,9 @@ class HFCausalLM(HFTokenizerMethods, CausalLM):
             identity = {"gguf_sha256": digest}
             kind = "gguf"
             if not (conv / "config.json").exists():
-                check_gguf_file(path, deep=True)
+                reader = read_gguf(path)   # the deep check, and the fields of an embedded tokenizer
                 with _gguf_conversion(path):
-                    tok = gguf_embedded_tokenizer(path) or AutoTokenizer.from_pretrained(str(path.parent),
+                    tok = gguf_embedded_tokenizer(path, reader) or AutoTokenizer.from_pretrained(str(path.parent),
                                                                                          gguf_file=path.name)
                     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                  dtype=torch.float32)
