@@ -167,6 +167,60 @@ def test_greedy_generation_matches_transformers(models):
 
 
 @needs_both
+def test_a_dropped_model_frees_its_contexts_before_its_weights():
+    """No reference cycle ties a model to its idle contexts: dropping it frees it at once (reference
+    counts, no garbage collection), and its weights (the Llama object) stay until the last context on
+    them has gone, whatever order the frees come in."""
+    import gc
+    import weakref
+
+    from arfuse.adapters.llamacpp import load_llamacpp
+    from arfuse.generation.api import generate
+
+    lm = load_llamacpp("llamacpp:smollm2-135m", n_ctx=256, n_threads=torch.get_num_threads())
+    generate(PROMPTS, large=lm, max_new_tokens=3)
+    gc.collect()
+    held = list(lm._pool)
+    assert held and all(c.owner is lm._scorer for c in held)
+    model, weights = weakref.ref(lm), weakref.ref(lm._scorer)
+    gc.disable()
+    try:
+        del lm
+        assert model() is None            # freed by its reference count: nothing cycles back to it
+        assert weights() is not None      # its idle contexts still hold the weights they run on
+        held[0].decode([(held[0].take(), [1, 2])], False)   # and still run
+        del held
+        assert weights() is None          # the last context gone, the weights go
+    finally:
+        gc.enable()
+
+
+def test_idle_contexts_beyond_the_pool_limit_are_closed(monkeypatch):
+    """A model keeps at most POOL_MAX idle contexts, the ones with the most rows; the others close."""
+    from arfuse.adapters import llamacpp
+
+    class Ctx:
+        def __init__(self, slots):
+            self.slots, self.free, self.closed = slots, [], False
+
+        def release(self, seq):
+            self.free.append(seq)
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(llamacpp, "POOL_MAX", 2)
+    pool: list = []
+    ctxs = [Ctx(1), Ctx(4), Ctx(2)]
+    for c in ctxs:
+        llamacpp._release_rows([(c, s) for s in range(c.slots)], pool)
+    assert sorted(c.slots for c in pool) == [2, 4]
+    assert [c.closed for c in ctxs] == [True, False, False]
+    llamacpp._release_rows([(ctxs[1], 0)], pool)   # a context already idle is not pooled twice
+    assert len(pool) == 2
+
+
+@needs_both
 def test_generation_reuses_idle_contexts(models, monkeypatch):
     """A second generation takes its context from the pool the first one left (no new KV cache), its
     sequences emptied: the same prompts give the same tokens; a strategy that copies rows is refused."""

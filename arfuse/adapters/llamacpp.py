@@ -135,7 +135,11 @@ class SeqContext:
         import llama_cpp.llama_cpp as lowlevel
 
         self.ll = lowlevel
-        self.lm = lm
+        # what decoding needs of the model, and the Llama object that owns its weights: held here, not the
+        # LlamaCppLM (whose pool holds this context), so that no reference cycle leaves the order of the two
+        # frees to the garbage collector; the weights go only after every context on them has closed
+        self.name, self.n_ctx, self.vocab = lm.info.name, lm.n_ctx, lm.info.vocab_size
+        self.owner = lm._scorer
         self.slots = slots
         p = lowlevel.llama_context_default_params()
         p.n_ctx = lm.n_ctx * slots
@@ -193,11 +197,11 @@ class SeqContext:
         """Feed each ``(seq, ids)`` after that sequence's tokens, all in as few ``llama_decode`` calls as
         N_BATCH allows; each feed's logits (len(ids), V) float32. With ``lone_as_two`` a call that would hold
         one token holds it twice (the copy dropped again): llama.cpp's batch kernels then compute it."""
-        V = self.lm.info.vocab_size
+        V = self.vocab
         for seq, ids in feeds:   # every feed checked before any position moves
-            if self.n_past[seq] + len(ids) > self.lm.n_ctx:
-                raise ArfuseError(f"{self.lm.info.name}: {self.n_past[seq] + len(ids)} tokens exceed the llama.cpp "
-                                  f"context of {self.lm.n_ctx} (load it with a larger n_ctx)")
+            if self.n_past[seq] + len(ids) > self.n_ctx:
+                raise ArfuseError(f"{self.name}: {self.n_past[seq] + len(ids)} tokens exceed the llama.cpp "
+                                  f"context of {self.n_ctx} (load it with a larger n_ctx)")
         items = []   # (feed index, seq, position, token)
         for f, (seq, ids) in enumerate(feeds):
             start = self.n_past[seq]
@@ -212,7 +216,7 @@ class SeqContext:
         for c in range(0, len(items), N_BATCH):
             chunk = items[c:c + N_BATCH]
             rows = [(seq, pos, tok, 1) for _, seq, pos, tok in chunk]
-            if len(rows) == 1 and lone_as_two and rows[0][1] + 1 < self.lm.n_ctx:   # room for the copy
+            if len(rows) == 1 and lone_as_two and rows[0][1] + 1 < self.n_ctx:   # room for the copy
                 seq, pos, tok, _ = rows[0]
                 rows.append((seq, pos + 1, tok, 0))
             b.n_tokens = len(rows)
@@ -221,7 +225,7 @@ class SeqContext:
                 b.seq_id[j][0] = seq
             rc = self.ll.llama_decode(self.ctx, b)
             if rc != 0:
-                raise ArfuseError(f"{self.lm.info.name}: llama.cpp could not decode a batch of {len(rows)} tokens "
+                raise ArfuseError(f"{self.name}: llama.cpp could not decode a batch of {len(rows)} tokens "
                                   f"(llama_decode returned {rc}{': no room left in its KV cache' if rc == 1 else ''})")
             if len(rows) > len(chunk):   # the copy of a lone token leaves the cache again
                 self.ll.llama_memory_seq_rm(self.mem, rows[1][0], rows[1][1], -1)
@@ -318,17 +322,24 @@ class LlamaCppState(StepState):
 
 
 def _release_rows(rows: list, pool: list | None) -> None:
-    """Give the rows' sequences back to their contexts; a context with none in use goes to ``pool``."""
+    """Give the rows' sequences back to their contexts; a context with none in use goes to ``pool``,
+    which keeps the POOL_MAX with the most rows (each holds a KV cache of rows x n_ctx tokens; a
+    larger one serves a smaller batch too) and closes the others."""
     for ctx, seq in rows:
         ctx.release(seq)
-        if pool is not None and len(ctx.free) == ctx.slots:
+        if pool is not None and len(ctx.free) == ctx.slots and all(c is not ctx for c in pool):
             pool.append(ctx)
+            if len(pool) > POOL_MAX:
+                smallest = min(pool, key=lambda c: c.slots)
+                pool.remove(smallest)
+                smallest.close()
     rows.clear()
 
 
 # SeqContexts this process opened: closed at exit, before the Llama objects whose model they use
 _SEQ_CONTEXTS: weakref.WeakSet = weakref.WeakSet()
 N_BATCH = 512   # tokens per llama_decode call
+POOL_MAX = 4    # idle generation contexts a model keeps for its next generations
 
 
 # every llama.cpp context this process opened: closed at exit, before the interpreter tears down the
