@@ -30,7 +30,10 @@ near-ties. The adapter's default steps="auto" probes the build at load: one-toke
 a full pass bit for bit (the Makefile's build, without llamafile), else each lone token as a batch of two
 (arfuse.adapters.llamacpp.STEP_MODES). The "steps=batched" rows show what the fallback costs.
 4. The cost of one llama.cpp pass over T = 1, 2, 3, 4, 8 tokens after a 200-token context (the verifying
-   pass of a speculative cycle with T - 1 drafts), median of --pass-reps, against T = 1.
+   pass of a speculative cycle with T - 1 drafts), median of --pass-reps, against T = 1; from it and the
+   measured acceptance, the ceiling of fused decoding with every overhead left out.
+5. The same for the LLM's weights requantised by llama.cpp to each of --pass-types (q8_0, f16, f32): whether
+   any weight type makes a pass over 2+ tokens cheap enough on this machine for speculation to pay.
 
 The llama.cpp contexts of "llama.cpp alone" come from the adapter's own helper
 (LlamaCppLM._new_context: use_extra_bufts=False, logits_all=True), since a plain Llama(...) on
@@ -111,6 +114,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads and llama.cpp threads")
     ap.add_argument("--batch", type=int, default=4, help="prompts generated at once in the batch section")
     ap.add_argument("--pass-reps", type=int, default=30, help="repetitions of each pass-cost measurement")
+    ap.add_argument("--pass-types", default="q8_0,f16,f32",
+                    help="GGUF types the LLM's weights are requantised to (by llama.cpp) for the pass-cost table; "
+                         "'' skips it")
     ap.add_argument("--from-json", help="print the report of an earlier run's JSON again (nothing is measured)")
     ap.add_argument("--json", help="write every number here (and the printed text next to it, .txt)")
     args = ap.parse_args(argv)
@@ -343,19 +349,7 @@ def main(argv=None) -> int:
     # ---- 4. the cost of a pass over T tokens --------------------------------------------------------
     ctx_ids = lc.encode(text[:4000]).ids[:200]
     extra = lc.encode(text[4000:6000]).ids[:8]
-    costs = {}
-    for T in (1, 2, 3, 4, 8):
-        times = []
-        raw.reset()
-        _trim_kv(raw)
-        raw.eval(ctx_ids)
-        for _ in range(args.pass_reps):
-            t0 = time.perf_counter()
-            raw.eval(extra[:T])
-            times.append(time.perf_counter() - t0)
-            raw.n_tokens = len(ctx_ids)
-            _trim_kv(raw)
-        costs[T] = float(np.median(times))
+    costs = pass_costs(raw, ctx_ids, extra, args.pass_reps)
     slm_raw = slm_lc._new_context()   # the SLM's one-token step on llama.cpp, the same way
     slm_raw.eval(ctx_ids)
     times = []
@@ -370,16 +364,33 @@ def main(argv=None) -> int:
     # prefill left out: E[tokens] = (1 - a^(g+1)) / (1 - a) per cycle of g + 1 SLM steps and one LLM pass
     # over g + 1 tokens, against llama.cpp alone's one-token pass per token
     a = gen[SPEC_BOTH].get("acceptance_rate")
-    ceiling = None
-    if a is not None:
-        best = max(((1 - a ** (g + 1)) / (1 - a) / (costs[g + 1] + (g + 1) * c_slm), g) for g in (1, 2, 3))
-        plain = 1 / (costs[1] + c_slm)
-        ceiling = {"acceptance": a, "best_g": best[1], "x_llamacpp_alone": best[0] * costs[1],
-                   "plain_fused_x_llamacpp_alone": plain * costs[1]}
+    ceiling = None if a is None else spec_ceiling(costs, c_slm, a)
     report["pass_cost"] = {"context": len(ctx_ids), "reps": args.pass_reps,
                            "seconds": {str(T): c for T, c in costs.items()},
                            "x_one_token": {str(T): c / costs[1] for T, c in costs.items()},
                            "slm_one_token_seconds": c_slm, "speculative_ceiling": ceiling}
+    # 5. the same weights in other GGUF types (llama.cpp's own requantisation): is a pass over 2+ tokens
+    # cheap for any of them on this machine? (the ceiling at the acceptance measured above)
+    types = [t for t in args.pass_types.split(",") if t]
+    if types:
+        import tempfile
+
+        by_type = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for t in types:
+                dst = Path(tmp) / f"{Path(lc.path).stem}.{t}.gguf"
+                log(f"requantising {Path(lc.path).name} to {t}")
+                requantize(lc.path, dst, t)
+                m = load_llamacpp(f"llamacpp:{dst}", n_threads=args.threads)
+                ctx = m._new_context()
+                c = pass_costs(ctx, ctx_ids, extra, args.pass_reps)
+                by_type[t] = {"mb": dst.stat().st_size / 1e6, "seconds": {str(T): v for T, v in c.items()},
+                              "steps_auto": m.steps,
+                              "ceiling": None if a is None else spec_ceiling(c, c_slm, a)}
+                ctx.close()
+                del m, ctx
+        report["pass_cost"]["by_type"] = {"source": Path(lc.path).name, "source_mb": Path(lc.path).stat().st_size / 1e6,
+                                          "types": by_type}
 
     # ---- goals ---------------------------------------------------------------------------------------
     r_score = sc["arfuse, llama.cpp backend"]["x_llamacpp_alone"]
@@ -410,6 +421,53 @@ def main(argv=None) -> int:
         path.with_suffix(".txt").write_text(out.getvalue())
         print(f"written: {path} and {path.with_suffix('.txt')}")
     return 0
+
+
+def pass_costs(llm, ctx_ids: list[int], extra: list[int], reps: int) -> dict[int, float]:
+    """Median seconds of one pass over T = 1, 2, 3, 4, 8 tokens after ``ctx_ids``, on a Llama context."""
+    from arfuse.adapters.llamacpp import _trim_kv
+
+    costs = {}
+    for T in (1, 2, 3, 4, 8):
+        times = []
+        llm.reset()
+        _trim_kv(llm)
+        llm.eval(ctx_ids)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            llm.eval(extra[:T])
+            times.append(time.perf_counter() - t0)
+            llm.n_tokens = len(ctx_ids)
+            _trim_kv(llm)
+        costs[T] = float(np.median(times))
+    return costs
+
+
+def spec_ceiling(costs: dict[int, float], c_slm: float, a: float) -> dict:
+    """Fused decoding with every overhead and the prefill left out, against one-token passes alone: plain
+    (one pass and one SLM step per token) and speculative with g = 1, 2, 3 drafts at acceptance a
+    (E[tokens] = (1 - a^(g+1)) / (1 - a) per cycle of g + 1 SLM steps and one pass over g + 1 tokens)."""
+    best = max(((1 - a ** (g + 1)) / (1 - a) / (costs[g + 1] + (g + 1) * c_slm), g) for g in (1, 2, 3))
+    return {"acceptance": a, "best_g": best[1], "x_llamacpp_alone": best[0] * costs[1],
+            "plain_fused_x_llamacpp_alone": costs[1] / (costs[1] + c_slm)}
+
+
+GGUF_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}   # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+
+
+def requantize(src: str, dst: Path, kind: str) -> None:
+    """``src`` written as GGUF type ``kind`` by llama.cpp's own quantiser (quantised tensors are
+    dequantised first: the same weights, up to the new type's rounding)."""
+    import llama_cpp
+
+    if kind not in GGUF_TYPES:
+        raise SystemExit(f"--pass-types: {kind!r} is not one of {', '.join(GGUF_TYPES)}")
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = GGUF_TYPES[kind]
+    p.allow_requantize = True
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p)
+    if rc != 0:
+        raise SystemExit(f"llama.cpp could not write {src} as {kind} (llama_model_quantize returned {rc})")
 
 
 def needed_acceptance(pc: dict) -> dict[int, float | None]:
@@ -501,6 +559,22 @@ def print_report(r: dict) -> None:
             need = needed_acceptance(pc)
             print("Acceptance a drafter would need for that ceiling to reach 1.0x: " + "; ".join(
                 f"g = {g}: {a:.3f}" if a is not None else f"g = {g}: none below 1" for g, a in need.items()))
+        bt = pc.get("by_type")
+        if bt:
+            print(f"\n## The same weights in other GGUF types (requantised from {bt['source']} by llama.cpp): one pass "
+                  "over T tokens, as above\n")
+            print("| type | MB | T = 1 ms | T = 2 | T = 3 | T = 4 | T = 8 | ceiling plain | ceiling speculative |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            rows = {f"{bt['source']} (as run above)": {"mb": bt["source_mb"], "seconds": pc["seconds"],
+                                                       "ceiling": pc.get("speculative_ceiling")}, **bt["types"]}
+            for t, v in rows.items():
+                sec = v["seconds"]
+                c1 = sec["1"]
+                xs = " | ".join(f"{sec[T] / c1:.2f}x" for T in ("2", "3", "4", "8"))
+                cl = v.get("ceiling")
+                cp = f"{cl['plain_fused_x_llamacpp_alone']:.3f}x" if cl else "-"
+                cs = f"{cl['x_llamacpp_alone']:.3f}x (g = {cl['best_g']})" if cl else "-"
+                print(f"| {t} | {v['mb']:.0f} | {1000 * c1:.2f} | {xs} | {cp} | {cs} |")
     print("\n## Issue 19 goals\n")
     for x in r["goals"]:
         ratio = f"{x['ratio']:.3f}x" if x["ratio"] is not None else "n/a"
