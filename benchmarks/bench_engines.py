@@ -120,6 +120,9 @@ def main(argv=None) -> int:
     ap.add_argument("--from-json", help="print the report of an earlier run's JSON again (nothing is measured)")
     ap.add_argument("--json", help="write every number here (and the printed text next to it, .txt)")
     args = ap.parse_args(argv)
+    bad = [t for t in args.pass_types.split(",") if t and t not in GGUF_TYPES]
+    if bad:
+        ap.error(f"--pass-types: {', '.join(map(repr, bad))} not among {', '.join(GGUF_TYPES)}")
     if args.from_json:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
@@ -380,7 +383,12 @@ def main(argv=None) -> int:
             for t in types:
                 dst = Path(tmp) / f"{Path(lc.path).stem}.{t}.gguf"
                 log(f"requantising {Path(lc.path).name} to {t}")
-                requantize(lc.path, dst, t)
+                try:
+                    requantize(lc.path, dst, t)
+                except RuntimeError as e:   # a full disk, say: the rest of the run is kept
+                    by_type[t] = {"error": str(e)}
+                    problems.append(f"pass cost as {t}: {e}")
+                    continue
                 m = load_llamacpp(f"llamacpp:{dst}", n_threads=args.threads)
                 ctx = m._new_context()
                 c = pass_costs(ctx, ctx_ids, extra, args.pass_reps)
@@ -447,7 +455,10 @@ def spec_ceiling(costs: dict[int, float], c_slm: float, a: float) -> dict:
     """Fused decoding with every overhead and the prefill left out, against one-token passes alone: plain
     (one pass and one SLM step per token) and speculative with g = 1, 2, 3 drafts at acceptance a
     (E[tokens] = (1 - a^(g+1)) / (1 - a) per cycle of g + 1 SLM steps and one pass over g + 1 tokens)."""
-    best = max(((1 - a ** (g + 1)) / (1 - a) / (costs[g + 1] + (g + 1) * c_slm), g) for g in (1, 2, 3))
+    def tokens(g: int) -> float:   # expected tokens of a cycle with g drafts
+        return g + 1.0 if a >= 1 else (1 - a ** (g + 1)) / (1 - a)
+
+    best = max((tokens(g) / (costs[g + 1] + (g + 1) * c_slm), g) for g in (1, 2, 3))
     return {"acceptance": a, "best_g": best[1], "x_llamacpp_alone": best[0] * costs[1],
             "plain_fused_x_llamacpp_alone": costs[1] / (costs[1] + c_slm)}
 
@@ -460,14 +471,12 @@ def requantize(src: str, dst: Path, kind: str) -> None:
     dequantised first: the same weights, up to the new type's rounding)."""
     import llama_cpp
 
-    if kind not in GGUF_TYPES:
-        raise SystemExit(f"--pass-types: {kind!r} is not one of {', '.join(GGUF_TYPES)}")
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = GGUF_TYPES[kind]
     p.allow_requantize = True
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p)
     if rc != 0:
-        raise SystemExit(f"llama.cpp could not write {src} as {kind} (llama_model_quantize returned {rc})")
+        raise RuntimeError(f"llama.cpp could not write {src} as {kind} (llama_model_quantize returned {rc})")
 
 
 def needed_acceptance(pc: dict) -> dict[int, float | None]:
@@ -568,6 +577,9 @@ def print_report(r: dict) -> None:
             rows = {f"{bt['source']} (as run above)": {"mb": bt["source_mb"], "seconds": pc["seconds"],
                                                        "ceiling": pc.get("speculative_ceiling")}, **bt["types"]}
             for t, v in rows.items():
+                if "error" in v:
+                    print(f"| {t} | error: {v['error'][:200]} | | | | | | | |")
+                    continue
                 sec = v["seconds"]
                 c1 = sec["1"]
                 xs = " | ".join(f"{sec[T] / c1:.2f}x" for T in ("2", "3", "4", "8"))

@@ -156,6 +156,7 @@ class SeqContext:
         self.ctx = self._ctx.ctx
         self.mem = lowlevel.llama_get_memory(self.ctx)
         self.batch = lowlevel.llama_batch_init(N_BATCH + 1, 0, 1)
+        self._free_batch = weakref.finalize(self, lowlevel.llama_batch_free, self.batch)   # once: here or at close
         self.free = list(range(slots))   # ascending: rows take the lowest ids
         self.n_past = [0] * slots
         _SEQ_CONTEXTS.add(self)
@@ -238,7 +239,7 @@ class SeqContext:
 
     def close(self) -> None:
         if self.batch is not None:
-            self.ll.llama_batch_free(self.batch)
+            self._free_batch()
             self.batch = None
         self._ctx.close()
 
@@ -327,7 +328,7 @@ def _release_rows(rows: list, pool: list | None) -> None:
     larger one serves a smaller batch too) and closes the others."""
     for ctx, seq in rows:
         ctx.release(seq)
-        if pool is not None and len(ctx.free) == ctx.slots and all(c is not ctx for c in pool):
+        if pool is not None and len(ctx.free) == ctx.slots:
             pool.append(ctx)
             if len(pool) > POOL_MAX:
                 smallest = min(pool, key=lambda c: c.slots)
