@@ -451,14 +451,16 @@ def pass_costs(llm, ctx_ids: list[int], extra: list[int], reps: int) -> dict[int
     return costs
 
 
+def cycle_tokens(a: float, g: int) -> float:
+    """Expected tokens of a speculative cycle with g drafts, each accepted with probability a."""
+    return g + 1.0 if a >= 1 else (1 - a ** (g + 1)) / (1 - a)
+
+
 def spec_ceiling(costs: dict[int, float], c_slm: float, a: float) -> dict:
     """Fused decoding with every overhead and the prefill left out, against one-token passes alone: plain
     (one pass and one SLM step per token) and speculative with g = 1, 2, 3 drafts at acceptance a
     (E[tokens] = (1 - a^(g+1)) / (1 - a) per cycle of g + 1 SLM steps and one pass over g + 1 tokens)."""
-    def tokens(g: int) -> float:   # expected tokens of a cycle with g drafts
-        return g + 1.0 if a >= 1 else (1 - a ** (g + 1)) / (1 - a)
-
-    best = max((tokens(g) / (costs[g + 1] + (g + 1) * c_slm), g) for g in (1, 2, 3))
+    best = max((cycle_tokens(a, g) / (costs[g + 1] + (g + 1) * c_slm), g) for g in (1, 2, 3))
     return {"acceptance": a, "best_g": best[1], "x_llamacpp_alone": best[0] * costs[1],
             "plain_fused_x_llamacpp_alone": costs[1] / (costs[1] + c_slm)}
 
@@ -488,7 +490,7 @@ def needed_acceptance(pc: dict) -> dict[int, float | None]:
     for g in (1, 2, 3):
         if g + 1 not in cost:
             continue
-        rate = lambda a: (1 - a ** (g + 1)) / (1 - a) / (cost[g + 1] + (g + 1) * c_slm) * cost[1]  # noqa: E731
+        rate = lambda a: cycle_tokens(a, g) / (cost[g + 1] + (g + 1) * c_slm) * cost[1]  # noqa: E731
         lo, hi = 0.0, 0.999999
         if rate(hi) < 1.0:
             out[g] = None

@@ -364,12 +364,12 @@ def test_server_batches_llama_cpp_rows_that_join_mid_run(models, monkeypatch):
     of them a one-token prompt: a row that has seen nothing joins) through two rows, joining and leaving at
     different steps: every text is generate's alone with the same settings and seed, and the contexts go
     back to the model's pool once, when the states holding them go."""
-    from arfuse.adapters import llamacpp
-
-    monkeypatch.setattr(llamacpp, "POOL_MAX", 100)   # every context this test opens stays in the pool
     import gc
 
+    from arfuse.adapters import llamacpp
     from arfuse.generation.api import generate
+
+    monkeypatch.setattr(llamacpp, "POOL_MAX", 100)   # every context this test opens stays in the pool
     from arfuse.generation.config import GenerationConfig
     from arfuse.serve.engine import Request
     from arfuse.serve.server import ServeConfig, build_engine
